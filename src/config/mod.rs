@@ -1,0 +1,834 @@
+//! Configuration: figment layering (defaults → TOML → `TOKEN_INJECTOR_*`
+//! environment) into a serde mirror ([`raw`]), then validated once into the
+//! typed [`Config`]. Every problem is collected and reported together, each
+//! naming its key, so `token-injector check` shows them all in one pass.
+
+mod raw;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Map};
+use http::uri::Authority;
+use http::{HeaderName, HeaderValue};
+
+use crate::route::Pattern;
+use crate::secret;
+use raw::{Raw, RawProfile, RawRoute};
+
+/// Environment variables with this prefix override config keys; `__`
+/// separates nesting levels (`TOKEN_INJECTOR_PROXY__LISTEN`).
+pub const ENV_PREFIX: &str = "TOKEN_INJECTOR_";
+/// Variables under the prefix that are not config keys.
+const ENV_NOT_KEYS: &[&str] = &["CONFIG", "WORKERS", "LOG_FORMAT"];
+
+/// The validated configuration. Built only by [`load`] or [`from_text`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: Proxy,
+    pub admin: Admin,
+    pub tokens: Tokens,
+    pub upstream: Upstream,
+    pub profiles: BTreeMap<String, Profile>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    pub listen: SocketAddr,
+    pub unmatched: Unmatched,
+    pub connect_allow: Vec<String>,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    Deny,
+    Passthrough,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    pub allow_remote: bool,
+}
+
+/// Token lifetime and renewal policy, shared by all profiles.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    pub request_timeout: Duration,
+    pub default_lifetime: Duration,
+    pub refresh_fraction: f64,
+    pub refresh_margin: Duration,
+    pub expiry_skew: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub unauthorized_refresh_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    /// Request bodies up to this size are buffered so a 401 can be retried.
+    pub replay_buffer: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub name: String,
+    pub token_url: url::Url,
+    pub client_id: String,
+    pub auth: ClientAuth,
+    pub scopes: Vec<String>,
+    pub audience: Option<String>,
+    pub resources: Vec<String>,
+    pub ca_file: Option<PathBuf>,
+    pub extra_params: Vec<(String, String)>,
+    pub token_headers: Vec<(HeaderName, HeaderValue)>,
+    pub basic_encoding: BasicEncoding,
+}
+
+/// How the client proves itself at the token endpoint.
+#[derive(Debug, Clone)]
+pub enum ClientAuth {
+    /// HTTP Basic with the form-url-encoded id and secret (RFC 6749 §2.3.1).
+    SecretBasic(secret::Source),
+    /// `client_id` and `client_secret` in the form body.
+    SecretPost(secret::Source),
+}
+
+impl ClientAuth {
+    pub fn method_name(&self) -> &'static str {
+        match self {
+            ClientAuth::SecretBasic(_) => "client_secret_basic",
+            ClientAuth::SecretPost(_) => "client_secret_post",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BasicEncoding {
+    /// RFC 6749 §2.3.1: form-url-encode id and secret before Base64.
+    Form,
+    /// Id and secret as they are, for servers that do not decode.
+    Raw,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub host: Pattern,
+    /// The `host` value as written, used as the metrics label.
+    pub label: String,
+    pub upstream: UpstreamTarget,
+    pub profile: String,
+    pub listen: Option<SocketAddr>,
+    pub ca_file: Option<PathBuf>,
+    pub protocol: UpstreamProtocol,
+}
+
+/// Where a route's requests go.
+#[derive(Debug, Clone)]
+pub enum UpstreamTarget {
+    /// `https://authority/base_path` from `upstream` (or `https://<host>`).
+    Fixed {
+        authority: Authority,
+        /// Without a trailing slash; empty for none.
+        base_path: String,
+    },
+    /// A wildcard route without `upstream`: `https://<the request's host>`.
+    SameHost,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamProtocol {
+    Auto,
+    Http1,
+    Http2,
+}
+
+/// One problem in the configuration, naming its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+impl Error {
+    /// One line per problem, as `check` prints them.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            Error::Invalid(problems) => problems.iter().map(|p| p.to_string()).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// Loads `path` with overrides from the process environment.
+pub fn load(path: &Path) -> Result<Config, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    from_text(&text, base, std::env::vars())
+}
+
+/// Parses and validates TOML text with the given environment overrides.
+/// Relative file paths in the config are resolved against `base_dir`.
+pub fn from_text(
+    text: &str,
+    base_dir: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, Error> {
+    let figment = Figment::new()
+        .merge(Toml::string(text))
+        .merge(EnvOverrides::new(env));
+    let raw: Raw = figment
+        .extract()
+        .map_err(|e| Error::Invalid(figment_problems(e)))?;
+    let mut v = Validator {
+        problems: Vec::new(),
+        base_dir,
+    };
+    let config = v.config(raw);
+    match config {
+        Some(c) if v.problems.is_empty() => Ok(c),
+        _ => Err(Error::Invalid(v.problems)),
+    }
+}
+
+fn figment_problems(err: figment::Error) -> Vec<Problem> {
+    err.into_iter()
+        .map(|e| {
+            let mut key = e.path.join(".");
+            let message = match &e.kind {
+                figment::error::Kind::UnknownField(field, expected) => {
+                    // figment's path already ends with the unknown field.
+                    if !key.ends_with(field.as_str()) {
+                        if !key.is_empty() {
+                            key.push('.');
+                        }
+                        key.push_str(field);
+                    }
+                    format!("unknown key; expected one of {}", expected.join(", "))
+                }
+                kind => kind.to_string(),
+            };
+            if key.is_empty() {
+                key = "(config)".into();
+            }
+            Problem { key, message }
+        })
+        .collect()
+}
+
+/// Environment overrides as a figment provider over an explicit list of
+/// variables, so tests never touch the process environment.
+struct EnvOverrides(Dict);
+
+impl EnvOverrides {
+    fn new(vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut dict = Dict::new();
+        for (name, value) in vars {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if rest.is_empty() || ENV_NOT_KEYS.contains(&rest) {
+                continue;
+            }
+            let key = rest.to_ascii_lowercase();
+            let path: Vec<&str> = key.split("__").collect();
+            if path.iter().any(|k| k.is_empty()) {
+                continue;
+            }
+            // Values parse as figment's Env does: "true", "8", "[\"a\"]".
+            let value: figment::value::Value = value.parse().unwrap_or_else(|e| match e {});
+            insert_path(&mut dict, &path, value);
+        }
+        Self(dict)
+    }
+}
+
+fn insert_path(dict: &mut Dict, path: &[&str], value: figment::value::Value) {
+    use figment::value::Value;
+    match path {
+        [] => {}
+        [last] => {
+            dict.insert((*last).to_owned(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = dict
+                .entry((*first).to_owned())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if !matches!(entry, Value::Dict(..)) {
+                *entry = Value::from(Dict::new());
+            }
+            if let Value::Dict(_, inner) = entry {
+                insert_path(inner, rest, value);
+            }
+        }
+    }
+}
+
+impl figment::Provider for EnvOverrides {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("TOKEN_INJECTOR_ environment variables")
+    }
+    fn data(&self) -> Result<Map<figment::Profile, Dict>, figment::Error> {
+        Ok(figment::Profile::Default.collect(self.0.clone()))
+    }
+}
+
+struct Validator<'a> {
+    problems: Vec<Problem>,
+    base_dir: &'a Path,
+}
+
+fn dur(default: &str) -> Duration {
+    humantime::parse_duration(default).expect("valid default duration")
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, raw: Raw) -> Option<Config> {
+        let proxy = Proxy {
+            listen: self.addr(
+                "proxy.listen",
+                raw.proxy.listen.as_deref(),
+                "127.0.0.1:4180",
+            ),
+            unmatched: match raw.proxy.unmatched.as_deref().unwrap_or("deny") {
+                "deny" => Unmatched::Deny,
+                "passthrough" => Unmatched::Passthrough,
+                other => {
+                    self.one_of("proxy.unmatched", other, &["deny", "passthrough"]);
+                    Unmatched::Deny
+                }
+            },
+            connect_allow: raw.proxy.connect_allow.unwrap_or_default(),
+            drain_timeout: self.duration("proxy.drain_timeout", raw.proxy.drain_timeout, "20s"),
+        };
+        for (i, entry) in proxy.connect_allow.iter().enumerate() {
+            match Pattern::parse(entry) {
+                Ok(p) if entry.rsplit_once(':').is_some() && !entry.ends_with(']') => drop(p),
+                Ok(_) => self.problem(
+                    format!("proxy.connect_allow[{i}]"),
+                    format!("{entry:?} needs a port, e.g. \"{entry}:443\""),
+                ),
+                Err(e) => self.problem(format!("proxy.connect_allow[{i}]"), e),
+            }
+        }
+        let admin = Admin {
+            listen: self.addr(
+                "admin.listen",
+                raw.admin.listen.as_deref(),
+                "127.0.0.1:9090",
+            ),
+            allow_remote: raw.admin.allow_remote.unwrap_or(false),
+        };
+        if !admin.allow_remote && !admin.listen.ip().is_loopback() {
+            self.problem(
+                "admin.listen",
+                format!(
+                    "{} is not a loopback address; set admin.allow_remote = true to expose the admin endpoints",
+                    admin.listen
+                ),
+            );
+        }
+        let t = raw.tokens;
+        let tokens = Tokens {
+            request_timeout: self.duration("tokens.request_timeout", t.request_timeout, "10s"),
+            default_lifetime: self.duration("tokens.default_lifetime", t.default_lifetime, "5m"),
+            refresh_fraction: t.refresh_fraction.unwrap_or(0.75),
+            refresh_margin: self.duration("tokens.refresh_margin", t.refresh_margin, "1m"),
+            expiry_skew: self.duration("tokens.expiry_skew", t.expiry_skew, "5s"),
+            retry_initial: self.duration("tokens.retry_initial", t.retry_initial, "500ms"),
+            retry_max: self.duration("tokens.retry_max", t.retry_max, "30s"),
+            unauthorized_refresh_interval: self.duration(
+                "tokens.unauthorized_refresh_interval",
+                t.unauthorized_refresh_interval,
+                "5s",
+            ),
+        };
+        if !(0.1..=0.95).contains(&tokens.refresh_fraction) {
+            self.problem(
+                "tokens.refresh_fraction",
+                format!(
+                    "{} is out of range; expected 0.1 to 0.95",
+                    tokens.refresh_fraction
+                ),
+            );
+        }
+        for (key, d) in [
+            ("tokens.request_timeout", tokens.request_timeout),
+            ("tokens.default_lifetime", tokens.default_lifetime),
+            ("tokens.retry_initial", tokens.retry_initial),
+        ] {
+            if d.is_zero() {
+                self.problem(key, "must be greater than zero");
+            }
+        }
+        if tokens.retry_max < tokens.retry_initial {
+            self.problem(
+                "tokens.retry_max",
+                "must not be less than tokens.retry_initial",
+            );
+        }
+        let u = raw.upstream;
+        let upstream = Upstream {
+            connect_timeout: self.duration("upstream.connect_timeout", u.connect_timeout, "5s"),
+            response_timeout: self.duration("upstream.response_timeout", u.response_timeout, "60s"),
+            pool_idle_timeout: self.duration(
+                "upstream.pool_idle_timeout",
+                u.pool_idle_timeout,
+                "90s",
+            ),
+            replay_buffer: u
+                .replay_buffer
+                .unwrap_or(64 * 1024)
+                .try_into()
+                .unwrap_or(usize::MAX),
+        };
+        for (key, d) in [
+            ("upstream.connect_timeout", upstream.connect_timeout),
+            ("upstream.response_timeout", upstream.response_timeout),
+        ] {
+            if d.is_zero() {
+                self.problem(key, "must be greater than zero");
+            }
+        }
+
+        // Routes are checked against the declared names, so a profile with
+        // its own problems does not also fail every route that uses it.
+        let declared: Vec<String> = raw.profiles.keys().cloned().collect();
+        let mut profiles = BTreeMap::new();
+        for (name, p) in raw.profiles {
+            if let Some(profile) = self.profile(&name, p) {
+                profiles.insert(name, profile);
+            }
+        }
+
+        let mut routes = Vec::new();
+        let mut hosts: HashMap<String, usize> = HashMap::new();
+        let mut route_listens = Vec::new();
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            let profile_known = r.profile.as_ref().is_some_and(|p| declared.contains(p));
+            if let Some(route) = self.route(i, r, profile_known) {
+                let key = route.host.to_string();
+                if let Some(first) = hosts.insert(key.clone(), i) {
+                    self.problem(
+                        format!("routes[{i}].host"),
+                        format!("{key:?} is already the host of routes[{first}]"),
+                    );
+                }
+                if let Some(addr) = route.listen {
+                    route_listens.push((format!("routes[{i}].listen"), addr));
+                }
+                routes.push(route);
+            }
+        }
+
+        // Every listener address must be distinct (port 0 asks for any port).
+        let mut listeners: Vec<(String, SocketAddr)> = vec![
+            ("proxy.listen".into(), proxy.listen),
+            ("admin.listen".into(), admin.listen),
+        ];
+        listeners.extend(route_listens);
+        for (i, (key, addr)) in listeners.iter().enumerate() {
+            if addr.port() == 0 {
+                continue;
+            }
+            if let Some((other, _)) = listeners[..i].iter().find(|(_, a)| a == addr) {
+                self.problem(key.clone(), format!("{addr} is already used by {other}"));
+            }
+        }
+
+        Some(Config {
+            proxy,
+            admin,
+            tokens,
+            upstream,
+            profiles,
+            routes,
+        })
+    }
+
+    fn one_of(&mut self, key: &str, value: &str, allowed: &[&str]) {
+        self.problem(
+            key,
+            format!(
+                "unknown value {value:?}; expected one of {}",
+                allowed.join(", ")
+            ),
+        );
+    }
+
+    fn addr(&mut self, key: &str, value: Option<&str>, default: &str) -> SocketAddr {
+        let value = value.unwrap_or(default);
+        value.parse().unwrap_or_else(|_| {
+            self.problem(
+                key,
+                format!("invalid address {value:?}; expected IP:PORT such as \"127.0.0.1:4180\""),
+            );
+            default.parse().expect("valid default address")
+        })
+    }
+
+    fn duration(&mut self, key: &str, value: Option<String>, default: &str) -> Duration {
+        match value {
+            None => dur(default),
+            Some(v) => humantime::parse_duration(&v).unwrap_or_else(|_| {
+                self.problem(
+                    key,
+                    format!("invalid duration {v:?}; expected e.g. \"10s\", \"500ms\" or \"5m\""),
+                );
+                dur(default)
+            }),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let path = PathBuf::from(p);
+        if path.is_absolute() {
+            path
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    /// A file that must exist and be readable now.
+    fn readable_file(&mut self, key: &str, p: &str) -> PathBuf {
+        let path = self.path(p);
+        if let Err(e) = std::fs::File::open(&path) {
+            self.problem(key, format!("cannot read {}: {e}", path.display()));
+        }
+        path
+    }
+
+    fn ca_file(&mut self, key: &str, p: Option<&str>) -> Option<PathBuf> {
+        let p = p?;
+        let path = self.path(p);
+        if let Err(e) = crate::tls::load_certs(&path) {
+            self.problem(key, e.to_string());
+        }
+        Some(path)
+    }
+
+    fn profile(&mut self, name: &str, p: RawProfile) -> Option<Profile> {
+        let key = |k: &str| format!("profiles.{name}.{k}");
+        let mut ok = true;
+        let token_url = match (&p.token_url, &p.issuer) {
+            (Some(u), None) => match url::Url::parse(u) {
+                Ok(url) if url.scheme() == "https" && url.host().is_some() => Some(url),
+                Ok(_) => {
+                    self.problem(key("token_url"), format!("{u:?} must be an https:// URL"));
+                    None
+                }
+                Err(e) => {
+                    self.problem(key("token_url"), format!("invalid URL {u:?}: {e}"));
+                    None
+                }
+            },
+            (None, Some(_)) => {
+                self.problem(
+                    key("issuer"),
+                    "issuer discovery is not supported by this version yet; set token_url",
+                );
+                None
+            }
+            (Some(_), Some(_)) => {
+                self.problem(key("issuer"), "set either token_url or issuer, not both");
+                None
+            }
+            (None, None) => {
+                self.problem(key("token_url"), "missing; every profile needs a token_url");
+                None
+            }
+        };
+        let client_id = match p.client_id {
+            Some(id) if !id.is_empty() => Some(id),
+            _ => {
+                self.problem(key("client_id"), "missing");
+                None
+            }
+        };
+        let method = p.auth_method.as_deref().unwrap_or("client_secret_basic");
+        let secret = match (&p.client_secret_file, &p.client_secret_env) {
+            (Some(f), None) => {
+                let path = self.readable_file(&key("client_secret_file"), f);
+                let src = secret::Source::File(path);
+                if let Err(e @ secret::Error::Empty { .. }) = src.read() {
+                    self.problem(key("client_secret_file"), e.to_string());
+                }
+                Some(src)
+            }
+            (None, Some(var)) => {
+                let src = secret::Source::Env(var.clone());
+                if let Err(e) = src.read() {
+                    self.problem(key("client_secret_env"), e.to_string());
+                }
+                Some(src)
+            }
+            (Some(_), Some(_)) => {
+                self.problem(
+                    key("client_secret_file"),
+                    "set either client_secret_file or client_secret_env, not both",
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        let auth = match method {
+            "client_secret_basic" | "client_secret_post" => match secret {
+                Some(src) if method == "client_secret_basic" => Some(ClientAuth::SecretBasic(src)),
+                Some(src) => Some(ClientAuth::SecretPost(src)),
+                None => {
+                    if p.client_secret_file.is_none() && p.client_secret_env.is_none() {
+                        self.problem(
+                            key("client_secret_file"),
+                            format!(
+                                "missing; auth_method {method:?} needs client_secret_file or client_secret_env"
+                            ),
+                        );
+                    }
+                    None
+                }
+            },
+            "client_secret_jwt" | "private_key_jwt" | "tls_client_auth" => {
+                self.problem(
+                    key("auth_method"),
+                    format!("{method:?} is not supported by this version yet; use client_secret_basic or client_secret_post"),
+                );
+                None
+            }
+            other => {
+                self.one_of(
+                    &key("auth_method"),
+                    other,
+                    &[
+                        "client_secret_basic",
+                        "client_secret_post",
+                        "client_secret_jwt",
+                        "private_key_jwt",
+                        "tls_client_auth",
+                    ],
+                );
+                None
+            }
+        };
+        // Each method uses only its own keys: a stray key is a mistake.
+        for (k, set) in [
+            ("private_key_file", p.private_key_file.is_some()),
+            ("key_id", p.key_id.is_some()),
+            ("signing_alg", p.signing_alg.is_some()),
+            ("client_assertion_file", p.client_assertion_file.is_some()),
+            ("client_cert_file", p.client_cert_file.is_some()),
+            ("client_key_file", p.client_key_file.is_some()),
+        ] {
+            if set && auth.is_some() {
+                self.problem(key(k), format!("not used by auth_method {method:?}"));
+            }
+        }
+        let basic_encoding = match p.basic_encoding.as_deref().unwrap_or("form") {
+            "form" => BasicEncoding::Form,
+            "raw" => BasicEncoding::Raw,
+            other => {
+                self.one_of(&key("basic_encoding"), other, &["form", "raw"]);
+                ok = false;
+                BasicEncoding::Form
+            }
+        };
+        let mut token_headers = Vec::new();
+        for (h, v) in p.token_headers.unwrap_or_default() {
+            match (
+                HeaderName::try_from(h.as_str()),
+                HeaderValue::try_from(v.as_str()),
+            ) {
+                (Ok(n), Ok(v)) => token_headers.push((n, v)),
+                _ => {
+                    self.problem(
+                        key(&format!("token_headers.{h}")),
+                        "invalid header name or value",
+                    );
+                    ok = false;
+                }
+            }
+        }
+        for r in p.resources.iter().flatten() {
+            if url::Url::parse(r).is_err() {
+                self.problem(
+                    key("resources"),
+                    format!("{r:?} is not an absolute URI (RFC 8707)"),
+                );
+                ok = false;
+            }
+        }
+        let ca_file = self.ca_file(&key("ca_file"), p.ca_file.as_deref());
+        Some(Profile {
+            name: name.to_owned(),
+            token_url: token_url?,
+            client_id: client_id?,
+            auth: auth?,
+            scopes: p.scopes.unwrap_or_default(),
+            audience: p.audience,
+            resources: p.resources.unwrap_or_default(),
+            ca_file,
+            extra_params: p.extra_params.unwrap_or_default().into_iter().collect(),
+            token_headers,
+            basic_encoding,
+        })
+        .filter(|_| ok)
+    }
+
+    fn route(&mut self, i: usize, r: RawRoute, profile_known: bool) -> Option<Route> {
+        let key = |k: &str| format!("routes[{i}].{k}");
+        let host = match r.host.as_deref() {
+            None => {
+                self.problem(key("host"), "missing");
+                None
+            }
+            Some(h) => Pattern::parse(h)
+                .map_err(|e| self.problem(key("host"), e))
+                .ok(),
+        };
+        let profile = match r.profile {
+            None => {
+                self.problem(key("profile"), "missing");
+                None
+            }
+            Some(p) if !profile_known => {
+                self.problem(
+                    key("profile"),
+                    format!("no profile named {p:?} (profiles.{p})"),
+                );
+                None
+            }
+            Some(p) => Some(p),
+        };
+        let upstream = match (&r.upstream, &host) {
+            (Some(u), _) => self.upstream_url(&key("upstream"), u),
+            (None, Some(h)) if h.is_wildcard() => Some(UpstreamTarget::SameHost),
+            (None, Some(h)) => self.upstream_url(&key("host"), &format!("https://{h}")),
+            (None, None) => None,
+        };
+        let listen = r
+            .listen
+            .as_deref()
+            .map(|l| self.addr(&key("listen"), Some(l), "127.0.0.1:0"));
+        let protocol = match r.upstream_protocol.as_deref().unwrap_or("auto") {
+            "auto" => UpstreamProtocol::Auto,
+            "http1" => UpstreamProtocol::Http1,
+            "http2" => UpstreamProtocol::Http2,
+            other => {
+                self.one_of(
+                    &key("upstream_protocol"),
+                    other,
+                    &["auto", "http1", "http2"],
+                );
+                UpstreamProtocol::Auto
+            }
+        };
+        if r.client_cert_file.is_some() || r.client_key_file.is_some() {
+            self.problem(
+                key("client_cert_file"),
+                "mutual TLS to upstreams is not supported by this version yet",
+            );
+        }
+        let ca_file = self.ca_file(&key("ca_file"), r.ca_file.as_deref());
+        let host = host?;
+        Some(Route {
+            label: r.host.unwrap_or_default(),
+            host,
+            upstream: upstream?,
+            profile: profile?,
+            listen,
+            ca_file,
+            protocol,
+        })
+    }
+
+    fn upstream_url(&mut self, key: &str, u: &str) -> Option<UpstreamTarget> {
+        let url = match url::Url::parse(u) {
+            Ok(url) => url,
+            Err(e) => {
+                self.problem(key, format!("invalid URL {u:?}: {e}"));
+                return None;
+            }
+        };
+        if url.scheme() != "https" {
+            self.problem(
+                key,
+                format!("{u:?} must be an https:// URL: tokens never travel in clear text"),
+            );
+            return None;
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            self.problem(key, "must not contain user information");
+            return None;
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            self.problem(key, "must not contain a query or fragment");
+            return None;
+        }
+        let host = url.host_str().unwrap_or_default();
+        let authority = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_owned(),
+        };
+        let authority = match Authority::try_from(authority.as_str()) {
+            Ok(a) => a,
+            Err(e) => {
+                self.problem(key, format!("invalid authority {authority:?}: {e}"));
+                return None;
+            }
+        };
+        let base_path = url.path().trim_end_matches('/').to_owned();
+        Some(UpstreamTarget::Fixed {
+            authority,
+            base_path,
+        })
+    }
+}
+
+impl Config {
+    /// Names of profiles that at least one route uses: only these fetch tokens.
+    pub fn profiles_in_use(&self) -> impl Iterator<Item = &Profile> {
+        self.profiles
+            .values()
+            .filter(|p| self.routes.iter().any(|r| r.profile == p.name))
+    }
+}
+
+#[cfg(test)]
+mod tests;

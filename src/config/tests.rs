@@ -1,0 +1,230 @@
+use super::*;
+
+fn dir_with_secret() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
+    dir
+}
+
+const GOOD: &str = r#"
+[proxy]
+listen = "127.0.0.1:0"
+
+[profiles.billing]
+token_url = "https://idp.test/oauth2/token"
+client_id = "billing-svc"
+client_secret_file = "secret"
+scopes = ["read", "write"]
+
+[[routes]]
+host = "api.example.com"
+upstream = "https://api.example.com:8443/v1/"
+profile = "billing"
+
+[[routes]]
+host = "*.example.org"
+profile = "billing"
+listen = "127.0.0.1:0"
+"#;
+
+fn load(text: &str, dir: &tempfile::TempDir) -> Result<Config, Error> {
+    from_text(text, dir.path(), Vec::<(String, String)>::new())
+}
+
+fn problems(text: &str) -> Vec<String> {
+    let dir = dir_with_secret();
+    match load(text, &dir) {
+        Ok(_) => vec![],
+        Err(e) => e.lines(),
+    }
+}
+
+#[test]
+fn good_config_is_typed() {
+    let dir = dir_with_secret();
+    let c = load(GOOD, &dir).unwrap();
+    assert_eq!(c.proxy.listen.port(), 0);
+    assert_eq!(c.proxy.unmatched, Unmatched::Deny);
+    assert_eq!(c.tokens.request_timeout, Duration::from_secs(10));
+    let p = &c.profiles["billing"];
+    assert!(
+        matches!(&p.auth, ClientAuth::SecretBasic(secret::Source::File(f)) if f == &dir.path().join("secret"))
+    );
+    assert_eq!(p.scopes, vec!["read", "write"]);
+    match &c.routes[0].upstream {
+        UpstreamTarget::Fixed {
+            authority,
+            base_path,
+        } => {
+            assert_eq!(authority.as_str(), "api.example.com:8443");
+            assert_eq!(base_path, "/v1");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(matches!(c.routes[1].upstream, UpstreamTarget::SameHost));
+    assert_eq!(c.profiles_in_use().count(), 1);
+}
+
+#[test]
+fn env_overrides_apply_and_non_keys_are_ignored() {
+    let dir = dir_with_secret();
+    let env = vec![
+        (
+            "TOKEN_INJECTOR_PROXY__LISTEN".to_owned(),
+            "127.0.0.1:4999".to_owned(),
+        ),
+        (
+            "TOKEN_INJECTOR_PROXY__UNMATCHED".to_owned(),
+            "passthrough".to_owned(),
+        ),
+        (
+            "TOKEN_INJECTOR_TOKENS__REQUEST_TIMEOUT".to_owned(),
+            "3s".to_owned(),
+        ),
+        (
+            "TOKEN_INJECTOR_PROFILES__BILLING__CLIENT_ID".to_owned(),
+            "other".to_owned(),
+        ),
+        ("TOKEN_INJECTOR_CONFIG".to_owned(), "/x.toml".to_owned()),
+        ("TOKEN_INJECTOR_WORKERS".to_owned(), "1".to_owned()),
+        ("TOKEN_INJECTOR_LOG_FORMAT".to_owned(), "json".to_owned()),
+        ("UNRELATED".to_owned(), "1".to_owned()),
+    ];
+    let c = from_text(GOOD, dir.path(), env).unwrap();
+    assert_eq!(c.proxy.listen, "127.0.0.1:4999".parse().unwrap());
+    assert_eq!(c.proxy.unmatched, Unmatched::Passthrough);
+    assert_eq!(c.tokens.request_timeout, Duration::from_secs(3));
+    assert_eq!(c.profiles["billing"].client_id, "other");
+}
+
+#[test]
+fn unknown_method_names_key_and_choices() {
+    let text = GOOD.replace(
+        "client_id = \"billing-svc\"",
+        "client_id = \"billing-svc\"\nauth_method = \"client_secret\"",
+    );
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("profiles.billing.auth_method: unknown value \"client_secret\"; expected one of client_secret_basic, client_secret_post"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_in_one_pass() {
+    let text = r#"
+[proxy]
+listen = "nowhere"
+unmatched = "allow"
+
+[tokens]
+request_timeout = "soon"
+
+[profiles.a]
+token_url = "http://idp.test/token"
+client_id = "a"
+client_secret_file = "missing-file"
+
+[[routes]]
+host = "a.test"
+profile = "nope"
+
+[[routes]]
+host = "a.test"
+upstream = "http://a.test"
+profile = "a"
+
+[[routes]]
+host = "b.test"
+profile = "a"
+listen = "127.0.0.1:9090"
+"#;
+    let p = problems(text);
+    let keys: Vec<&str> = p.iter().map(|l| l.split(':').next().unwrap()).collect();
+    for want in [
+        "proxy.listen",
+        "proxy.unmatched",
+        "tokens.request_timeout",
+        "profiles.a.token_url",
+        "profiles.a.client_secret_file",
+        "routes[0].profile",
+        "routes[1].upstream",
+        "routes[2].listen",
+    ] {
+        assert!(keys.contains(&want), "missing {want} in {p:#?}");
+    }
+}
+
+#[test]
+fn structural_errors_name_the_key() {
+    let p = problems("[proxy]\nlisten = \"127.0.0.1:0\"\nlisen = 1\n");
+    assert_eq!(p.len(), 1);
+    assert!(p[0].starts_with("proxy.lisen: unknown key"), "{p:?}");
+    let p = problems("[proxy]\nlisten = 5\n");
+    assert!(p[0].starts_with("proxy.listen:"), "{p:?}");
+    let p = problems("[proxy\n");
+    assert!(!p.is_empty());
+}
+
+#[test]
+fn duplicate_hosts_and_missing_secret() {
+    let text = r#"
+[profiles.a]
+token_url = "https://idp.test/token"
+client_id = "a"
+
+[[routes]]
+host = "A.test"
+profile = "a"
+
+[[routes]]
+host = "a.test."
+profile = "a"
+"#;
+    let p = problems(text);
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("profiles.a.client_secret_file: missing")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("routes[1].host: \"a.test\" is already the host of routes[0]")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn stray_keys_of_other_methods_are_refused() {
+    let text = GOOD.replace(
+        "scopes = [\"read\", \"write\"]",
+        "private_key_file = \"key.pem\"",
+    );
+    let p = problems(&text);
+    assert_eq!(
+        p,
+        vec!["profiles.billing.private_key_file: not used by auth_method \"client_secret_basic\""]
+    );
+}
+
+#[test]
+fn non_loopback_admin_needs_allow_remote() {
+    let text = format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:9090\"\n");
+    let p = problems(&text);
+    assert!(
+        p[0].starts_with("admin.listen: 0.0.0.0:9090 is not a loopback address"),
+        "{p:?}"
+    );
+    let text = format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:9090\"\nallow_remote = true\n");
+    assert!(problems(&text).is_empty());
+}
+
+#[test]
+fn bad_ca_file_is_reported() {
+    let dir = dir_with_secret();
+    std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+    let text = GOOD.replace("scopes = [\"read\", \"write\"]", "ca_file = \"ca.pem\"");
+    let e = load(&text, &dir).unwrap_err().lines();
+    assert!(e[0].starts_with("profiles.billing.ca_file:"), "{e:?}");
+}

@@ -1,0 +1,130 @@
+//! The binary: parse the command line, set up logging, and hand over to the
+//! library. `run` exits 64 on a bad config and 0 after a graceful shutdown.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "token-injector",
+    version,
+    about = "Egress sidecar that injects OAuth 2.0 client-credentials tokens"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[arg(long, env = "TOKEN_INJECTOR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file and every file it names; one line per problem.
+    Check {
+        #[arg(long, env = "TOKEN_INJECTOR_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+/// EX_USAGE from sysexits.h: the configuration is unusable.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match token_injector::config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} profiles, {} routes)",
+                    config.display(),
+                    c.profiles.len(),
+                    c.routes.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                for line in e.lines() {
+                    eprintln!("{line}");
+                }
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => {
+            init_tracing();
+            let config = match token_injector::config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    for line in e.lines() {
+                        tracing::error!("{line}");
+                    }
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let runtime = match build_runtime() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(run(config))
+        }
+    }
+}
+
+async fn run(config: token_injector::config::Config) -> ExitCode {
+    let running = match token_injector::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    running.shutdown().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = std::env::var("TOKEN_INJECTOR_WORKERS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+    {
+        builder.worker_threads(n);
+    }
+    builder.build()
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json =
+        std::env::var("TOKEN_INJECTOR_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

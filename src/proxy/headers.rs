@@ -1,0 +1,107 @@
+//! Header rewriting: hop-by-hop removal (RFC 9110 §7.6.1) and token
+//! injection. Small functions, tested alone.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one connection, never forwarded.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// Removes hop-by-hop headers: the fixed set, every `Proxy-*` header,
+/// `Keep-Alive`, and the headers the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(connection) = headers.get(header::CONNECTION) {
+        // Rare in practice; allocates only when present.
+        let named: Vec<HeaderName> = connection
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    let has_proxy_header = headers.keys().any(|k| k.as_str().starts_with("proxy-"));
+    if has_proxy_header {
+        let names: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for name in names {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Sets `Authorization` to the token's value, replacing every value the app
+/// sent. The value is already marked sensitive.
+#[inline]
+pub fn inject(headers: &mut HeaderMap, value: &HeaderValue) {
+    debug_assert!(value.is_sensitive());
+    headers.insert(header::AUTHORIZATION, value.clone());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret-Hop, authorization"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("te", "gzip"),
+            ("trailer", "x"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic eA=="),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-custom", "1"),
+            ("authorization", "Bearer app"),
+            ("accept", "*/*"),
+            ("x-keep", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["accept", "x-keep"]);
+    }
+
+    #[test]
+    fn inject_replaces_all_app_values() {
+        let mut h = map(&[
+            ("authorization", "Bearer app1"),
+            ("authorization", "Basic x"),
+        ]);
+        let mut v = HeaderValue::from_static("Bearer real");
+        v.set_sensitive(true);
+        inject(&mut h, &v);
+        let all: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
+        assert_eq!(all, vec![&v]);
+        assert!(h[header::AUTHORIZATION].is_sensitive());
+    }
+}

@@ -1,0 +1,465 @@
+//! The request path: resolve the route → read its token → rewrite headers →
+//! forward over TLS → stream the answer back.
+//!
+//! Routing (which route, which profile) is decided before any rewriting;
+//! the token is read lock-free from the profile's store; nothing here waits
+//! on the network except the upstream itself, or the one shared token fetch
+//! when a profile has no usable token at all.
+
+pub mod error;
+pub mod headers;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Body as _, Incoming};
+
+use crate::config::{Unmatched, UpstreamTarget};
+use crate::route;
+use crate::token::{self, store::Invalidated};
+pub use error::{ERROR_HEADER, Error, Kind};
+use upstream::HttpsClient;
+
+/// The body type both ways: the peer's stream, or bytes we hold.
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// The `HTTP_PROXY` listener: route by the request's target host.
+    Forward,
+    /// A route's dedicated listener: the route is fixed.
+    Route(usize),
+}
+
+/// One route, ready for the request path.
+pub struct Route {
+    pub label: String,
+    target: Target,
+    store: Arc<token::Store>,
+    client: HttpsClient,
+}
+
+enum Target {
+    Fixed {
+        authority: Authority,
+        host_header: HeaderValue,
+        base_path: String,
+    },
+    SameHost,
+}
+
+impl Route {
+    pub fn new(
+        label: String,
+        upstream: &UpstreamTarget,
+        store: Arc<token::Store>,
+        client: HttpsClient,
+    ) -> Self {
+        let target = match upstream {
+            UpstreamTarget::Fixed {
+                authority,
+                base_path,
+            } => Target::Fixed {
+                authority: authority.clone(),
+                host_header: HeaderValue::from_str(authority.as_str())
+                    .expect("an authority is a valid header value"),
+                base_path: base_path.clone(),
+            },
+            UpstreamTarget::SameHost => Target::SameHost,
+        };
+        Self {
+            label,
+            target,
+            store,
+            client,
+        }
+    }
+}
+
+/// Request-path settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub unmatched: Unmatched,
+    pub response_timeout: Duration,
+    /// How long a request may wait for a token fetch already under way.
+    pub token_wait: Duration,
+    pub replay_buffer: usize,
+}
+
+pub struct Proxy {
+    routes: Vec<Route>,
+    table: route::Table,
+    settings: Settings,
+    passthrough: HttpsClient,
+}
+
+impl Proxy {
+    pub fn new(
+        routes: Vec<Route>,
+        table: route::Table,
+        settings: Settings,
+        passthrough: HttpsClient,
+    ) -> Self {
+        Self {
+            routes,
+            table,
+            settings,
+            passthrough,
+        }
+    }
+
+    /// Handles one request; every failure becomes a response here.
+    pub async fn handle(&self, entry: Entry, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let (route, response) = match self.route_and_forward(entry, req).await {
+            Ok((route, r)) => (route, r),
+            Err((route, e)) => (route, e.into_response()),
+        };
+        tracing::debug!(
+            route = route.map(|i| self.routes[i].label.as_str()).unwrap_or("-"),
+            status = response.status().as_u16(),
+            duration_us = started.elapsed().as_micros() as u64,
+            "request"
+        );
+        response
+    }
+
+    async fn route_and_forward(
+        &self,
+        entry: Entry,
+        req: Request<Incoming>,
+    ) -> Result<(Option<usize>, Response<Body>), (Option<usize>, Error)> {
+        if req.method() == Method::CONNECT {
+            return Err((
+                None,
+                Error::new(
+                    Kind::NoRoute,
+                    "CONNECT tunnels are not allowed: token injection needs plain HTTP to the proxy (http:// URLs)",
+                ),
+            ));
+        }
+        let index = match entry {
+            Entry::Route(i) => i,
+            Entry::Forward => {
+                let (host, port) = target_host(&req).map_err(|e| (None, e))?;
+                match self.table.lookup(host, port) {
+                    Some(i) => i,
+                    None if self.settings.unmatched == Unmatched::Passthrough => {
+                        return self
+                            .passthrough(req)
+                            .await
+                            .map(|r| (None, r))
+                            .map_err(|e| (None, e));
+                    }
+                    None => {
+                        return Err((
+                            None,
+                            Error::new(Kind::NoRoute, format!("no route for host {host:?}")),
+                        ));
+                    }
+                }
+            }
+        };
+        self.forward(&self.routes[index], req)
+            .await
+            .map(|r| (Some(index), r))
+            .map_err(|e| (Some(index), e))
+    }
+
+    async fn forward(
+        &self,
+        route: &Route,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Error> {
+        let token = match route.store.current() {
+            Some(t) => t,
+            None => route
+                .store
+                .get(self.settings.token_wait)
+                .await
+                .map_err(|e| Error::new(Kind::TokenUnavailable, e.to_string()))?,
+        };
+        let (mut parts, body) = req.into_parts();
+        let (uri, host_header) = upstream_uri(&route.target, &parts.uri, &parts.headers)?;
+        headers::strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(header::HOST, host_header);
+        headers::inject(&mut parts.headers, token.header());
+
+        // Buffer small bodies so a 401 can be retried; stream the rest.
+        let replay = replayable(body, self.settings.replay_buffer).await?;
+        let (first_body, replay) = match replay {
+            Replay::Stream(body) => (Either::Left(body), None),
+            Replay::Buffered(bytes) => (Either::Right(Full::new(bytes.clone())), Some(bytes)),
+        };
+        let retry_parts = replay
+            .as_ref()
+            .map(|_| (parts.method.clone(), parts.headers.clone()));
+        let mut request = Request::new(first_body);
+        *request.method_mut() = parts.method;
+        *request.uri_mut() = uri.clone();
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = parts.headers;
+
+        let response = self.send(&route.client, request).await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(finish(response));
+        }
+        let (Some(bytes), Some((method, mut headers))) = (replay, retry_parts) else {
+            return Ok(finish(response));
+        };
+        // The upstream refused our token: drop it, get a fresh one, retry once.
+        match route.store.invalidate(&token) {
+            Invalidated::RateLimited => return Ok(finish(response)),
+            Invalidated::Refetching | Invalidated::AlreadyReplaced => {}
+        }
+        let fresh = match route.store.get(self.settings.token_wait).await {
+            Ok(t) => t,
+            Err(_) => return Ok(finish(response)),
+        };
+        tracing::debug!(route = %route.label, "upstream answered 401; retrying with a fresh token");
+        headers::inject(&mut headers, fresh.header());
+        let mut retry = Request::new(Either::Right(Full::new(bytes)));
+        *retry.method_mut() = method;
+        *retry.uri_mut() = uri;
+        *retry.version_mut() = Version::HTTP_11;
+        *retry.headers_mut() = headers;
+        drop(response);
+        Ok(finish(self.send(&route.client, retry).await?))
+    }
+
+    async fn send(
+        &self,
+        client: &HttpsClient,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, Error> {
+        // A cheap clone (shared bytes), to name the upstream in an error.
+        let uri = request.uri().clone();
+        let describe = || {
+            uri.authority()
+                .map(|a| a.as_str())
+                .unwrap_or("upstream")
+                .to_owned()
+        };
+        match tokio::time::timeout(self.settings.response_timeout, client.request(request)).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(upstream_error(&describe(), &e)),
+            Err(_) => Err(Error::new(
+                Kind::UpstreamTimeout,
+                format!(
+                    "{} did not answer within {:?}",
+                    describe(),
+                    self.settings.response_timeout
+                ),
+            )),
+        }
+    }
+
+    /// `unmatched = "passthrough"`: forward as a plain proxy, no token added.
+    async fn passthrough(&self, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+        let (mut parts, body) = req.into_parts();
+        if parts.uri.authority().is_none() {
+            let host = parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .ok_or_else(|| Error::new(Kind::BadRequest, "request has no target host"))?;
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            parts.uri = format!("http://{host}{pq}")
+                .parse()
+                .map_err(|_| Error::new(Kind::BadRequest, "invalid Host header"))?;
+        }
+        headers::strip_hop_by_hop(&mut parts.headers);
+        parts.version = Version::HTTP_11;
+        let request = Request::from_parts(parts, Either::Left(body));
+        let response = self.send(&self.passthrough, request).await?;
+        Ok(finish(response))
+    }
+}
+
+/// The target host and port of a request on the forward listener: the
+/// absolute-form URI's authority, else the `Host` header.
+fn target_host(req: &Request<Incoming>) -> Result<(&str, u16), Error> {
+    let default_port = if req.uri().scheme() == Some(&Scheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    if let Some(authority) = req.uri().authority() {
+        return Ok((
+            authority.host(),
+            authority.port_u16().unwrap_or(default_port),
+        ));
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .ok_or_else(|| {
+            Error::new(
+                Kind::BadRequest,
+                "request has no target host (absolute URI or Host header)",
+            )
+        })?;
+    let (name, port) = route::split_host_port(host)
+        .filter(|(h, _)| !h.is_empty())
+        .ok_or_else(|| Error::new(Kind::BadRequest, "invalid Host header"))?;
+    Ok((name, port.unwrap_or(default_port)))
+}
+
+/// The upstream URI (base path joined with the request's path and query) and
+/// the `Host` value for it.
+fn upstream_uri(
+    target: &Target,
+    uri: &Uri,
+    headers: &http::HeaderMap,
+) -> Result<(Uri, HeaderValue), Error> {
+    let path_and_query = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let (authority, host_header, base_path) = match target {
+        Target::Fixed {
+            authority,
+            host_header,
+            base_path,
+        } => (authority.clone(), host_header.clone(), base_path.as_str()),
+        Target::SameHost => {
+            // The route matched this host, so the host is the route's own.
+            let host = match uri.authority() {
+                Some(a) => a.host(),
+                None => headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(route::split_host_port)
+                    .map(|(h, _)| h)
+                    .ok_or_else(|| Error::new(Kind::BadRequest, "request has no target host"))?,
+            };
+            let host = route::normalize(host);
+            let authority = Authority::try_from(host.as_ref())
+                .map_err(|_| Error::new(Kind::BadRequest, "invalid target host"))?;
+            let host_header = HeaderValue::from_str(authority.as_str())
+                .map_err(|_| Error::new(Kind::BadRequest, "invalid target host"))?;
+            (authority, host_header, "")
+        }
+    };
+    let path_and_query = if base_path.is_empty() {
+        path_and_query
+    } else {
+        let mut joined = BytesMut::with_capacity(base_path.len() + path_and_query.as_str().len());
+        joined.extend_from_slice(base_path.as_bytes());
+        joined.extend_from_slice(path_and_query.as_str().as_bytes());
+        PathAndQuery::from_maybe_shared(joined.freeze())
+            .map_err(|_| Error::new(Kind::BadRequest, "invalid request path"))?
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTPS);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path_and_query);
+    let uri =
+        Uri::from_parts(parts).map_err(|_| Error::new(Kind::BadRequest, "invalid request URI"))?;
+    Ok((uri, host_header))
+}
+
+enum Replay {
+    Stream(Incoming),
+    Buffered(Bytes),
+}
+
+/// Reads the body now if it is empty or known to fit `limit`.
+async fn replayable(body: Incoming, limit: usize) -> Result<Replay, Error> {
+    if body.is_end_stream() {
+        return Ok(Replay::Buffered(Bytes::new()));
+    }
+    match body.size_hint().exact() {
+        Some(n) if n <= limit as u64 => body
+            .collect()
+            .await
+            .map(|c| Replay::Buffered(c.to_bytes()))
+            .map_err(|e| {
+                Error::new(
+                    Kind::BadRequest,
+                    format!("reading the request body failed: {e}"),
+                )
+            }),
+        _ => Ok(Replay::Stream(body)),
+    }
+}
+
+/// The upstream's response as the app gets it: hop-by-hop headers removed.
+fn finish(response: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, Either::Left(body))
+}
+
+fn upstream_error(upstream: &str, e: &hyper_util::client::legacy::Error) -> Error {
+    let chain = token::client::error_chain(e);
+    if e.is_connect() {
+        Error::new(
+            Kind::UpstreamUnreachable,
+            format!("cannot connect to {upstream}: {chain}"),
+        )
+    } else {
+        Error::new(
+            Kind::UpstreamUnreachable,
+            format!("request to {upstream} failed: {chain}"),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixed(authority: &str, base: &str) -> Target {
+        Target::Fixed {
+            authority: authority.parse().unwrap(),
+            host_header: HeaderValue::from_str(authority).unwrap(),
+            base_path: base.into(),
+        }
+    }
+
+    #[test]
+    fn upstream_uri_joins_base_path_and_query() {
+        let h = http::HeaderMap::new();
+        let cases = [
+            (
+                "",
+                "http://app.test/items?x=1",
+                "https://api.test/items?x=1",
+            ),
+            (
+                "/v2",
+                "http://app.test/items?x=1",
+                "https://api.test/v2/items?x=1",
+            ),
+            ("/v2", "/", "https://api.test/v2/"),
+            ("/a/b", "/c/d?e=f&g", "https://api.test/a/b/c/d?e=f&g"),
+        ];
+        for (base, req, want) in cases {
+            let (uri, host) =
+                upstream_uri(&fixed("api.test", base), &req.parse().unwrap(), &h).unwrap();
+            assert_eq!(uri.to_string(), want);
+            assert_eq!(host, "api.test");
+        }
+    }
+
+    #[test]
+    fn same_host_uses_the_request_host() {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("A.Example.com.:80"));
+        let (uri, host) = upstream_uri(&Target::SameHost, &"/x".parse().unwrap(), &h).unwrap();
+        assert_eq!(uri.to_string(), "https://a.example.com/x");
+        assert_eq!(host, "a.example.com");
+    }
+}

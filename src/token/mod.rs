@@ -1,0 +1,122 @@
+//! Token sources, one per credential profile.
+//!
+//! - [`client`] makes the token request for the profile's auth method;
+//! - [`response`] parses the answer;
+//! - [`store`] holds the current token: the refresher writes, the request
+//!   path reads lock-free through `arc-swap`;
+//! - [`refresh`] is the per-profile background task and its pure policy.
+
+pub mod client;
+pub mod refresh;
+pub mod response;
+pub mod store;
+
+use std::fmt;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::HeaderValue;
+
+pub use client::Client;
+pub use refresh::Policy;
+pub use response::FetchError;
+pub use store::{Store, Unavailable};
+
+/// A usable access token with its prebuilt `Authorization` header value.
+/// Debug shows times only, never the token.
+pub struct Token {
+    header: HeaderValue,
+    expires_at: Instant,
+    usable_until: Instant,
+    refresh_at: Instant,
+    expires_unix: SystemTime,
+}
+
+impl Token {
+    /// Builds a token obtained by a request sent at `sent` (the conservative
+    /// start of its lifetime). Fails only if the value cannot be a header.
+    pub fn new(
+        access_token: &crate::secret::Secret,
+        sent: Instant,
+        lifetime: Duration,
+        policy: &Policy,
+        jitter: f64,
+    ) -> Result<Self, FetchError> {
+        let mut value = Vec::with_capacity(7 + access_token.expose().len());
+        value.extend_from_slice(b"Bearer ");
+        value.extend_from_slice(access_token.expose().as_bytes());
+        let mut header = HeaderValue::from_maybe_shared(Bytes::from(value)).map_err(|_| {
+            FetchError::InvalidResponse("access_token is not a valid header value".into())
+        })?;
+        // Sensitive: hpack never indexes it and Debug prints "Sensitive".
+        header.set_sensitive(true);
+        let now_wall = SystemTime::now();
+        let elapsed = sent.elapsed();
+        Ok(Self {
+            header,
+            expires_at: sent + lifetime,
+            usable_until: sent + lifetime.saturating_sub(policy.skew(lifetime)),
+            refresh_at: sent + policy.refresh_in(lifetime, jitter),
+            expires_unix: now_wall - elapsed + lifetime,
+        })
+    }
+
+    /// The `Authorization` value, `Bearer …`, marked sensitive.
+    #[inline]
+    pub fn header(&self) -> &HeaderValue {
+        &self.header
+    }
+
+    /// Whether the token may still be sent: not past expiry minus the skew.
+    #[inline]
+    pub fn usable_at(&self, now: Instant) -> bool {
+        now < self.usable_until
+    }
+
+    pub fn expires_at(&self) -> Instant {
+        self.expires_at
+    }
+
+    pub fn refresh_at(&self) -> Instant {
+        self.refresh_at
+    }
+
+    /// Expiry on the wall clock, for status pages and metrics.
+    pub fn expires_unix(&self) -> SystemTime {
+        self.expires_unix
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("header", &"[redacted]")
+            .field("expires_at", &self.expires_at)
+            .field("usable_until", &self.usable_until)
+            .field("refresh_at", &self.refresh_at)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    #[test]
+    fn token_debug_redacts_and_header_is_sensitive() {
+        let policy = Policy::for_tests();
+        let t = Token::new(
+            &Secret::new("abc.def".into()),
+            Instant::now(),
+            Duration::from_secs(60),
+            &policy,
+            0.0,
+        )
+        .unwrap();
+        assert!(t.header().is_sensitive());
+        assert_eq!(t.header().as_bytes(), b"Bearer abc.def");
+        assert!(!format!("{t:?}").contains("abc.def"));
+        assert!(!format!("{:?}", t.header()).contains("abc.def"));
+    }
+}

@@ -1,0 +1,310 @@
+//! Parsing a token endpoint's answer (RFC 6749 §5.1 and §5.2) into a token
+//! and its lifetime. Pure: status and bytes in, result out.
+
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::Value;
+
+use crate::secret::Secret;
+
+/// Tokens claiming to live longer are renewed as if they lived this long.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// A successful answer.
+#[derive(Debug)]
+pub struct Parsed {
+    pub access_token: Secret,
+    /// How long the token lives from when the request was sent.
+    pub lifetime: Duration,
+    pub scope: Option<String>,
+}
+
+/// Why a token request failed. Never holds a secret or a token.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}")]
+    Secret(String),
+    #[error("token request timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("cannot reach the token endpoint: {0}")]
+    Connect(String),
+    #[error("token endpoint answered HTTP {status}{}", describe(.error, .description))]
+    Rejected {
+        status: u16,
+        error: Option<String>,
+        description: Option<String>,
+        retry_after: Option<Duration>,
+    },
+    #[error("invalid token response: {0}")]
+    InvalidResponse(String),
+}
+
+fn describe(error: &Option<String>, description: &Option<String>) -> String {
+    match (error, description) {
+        (Some(e), Some(d)) => format!(": {e} ({d})"),
+        (Some(e), None) => format!(": {e}"),
+        (None, _) => " without an OAuth error body".into(),
+    }
+}
+
+impl FetchError {
+    /// A bounded label for metrics: the RFC 6749 error code when the server
+    /// gave a known one, else the kind of failure.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FetchError::Secret(_) => "secret",
+            FetchError::Timeout(_) => "timeout",
+            FetchError::Connect(_) => "connect",
+            FetchError::InvalidResponse(_) => "invalid_response",
+            FetchError::Rejected { error, .. } => match error.as_deref() {
+                Some("invalid_request") => "invalid_request",
+                Some("invalid_client") => "invalid_client",
+                Some("invalid_grant") => "invalid_grant",
+                Some("unauthorized_client") => "unauthorized_client",
+                Some("unsupported_grant_type") => "unsupported_grant_type",
+                Some("invalid_scope") => "invalid_scope",
+                Some("invalid_target") => "invalid_target",
+                Some("temporarily_unavailable") => "temporarily_unavailable",
+                Some("server_error") => "server_error",
+                Some(_) => "other",
+                None => "http_status",
+            },
+        }
+    }
+
+    /// The server's `Retry-After`, when it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            FetchError::Rejected { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// Text from the server, made safe for one log line.
+fn clean(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(200).collect()
+}
+
+/// Parses an answer. `now_unix` is the wall clock in seconds, for a JWT's
+/// `exp`; `default_lifetime` applies when neither `expires_in` nor `exp` says.
+pub fn parse(
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    now_unix: u64,
+    default_lifetime: Duration,
+) -> Result<Parsed, FetchError> {
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    if !(200..300).contains(&status) {
+        let field = |k: &str| {
+            json.as_ref()
+                .and_then(|j| j.get(k))
+                .and_then(Value::as_str)
+                .map(clean)
+        };
+        return Err(FetchError::Rejected {
+            status,
+            error: field("error"),
+            description: field("error_description"),
+            retry_after,
+        });
+    }
+    let invalid = |m: &str| FetchError::InvalidResponse(m.to_owned());
+    let Some(Value::Object(obj)) = json else {
+        return Err(if body.is_empty() {
+            invalid("empty body")
+        } else {
+            invalid("body is not a JSON object")
+        });
+    };
+    let token = match obj.get("access_token") {
+        Some(Value::String(t)) if !t.is_empty() => t,
+        Some(_) => return Err(invalid("access_token is not a non-empty string")),
+        None => return Err(invalid("no access_token")),
+    };
+    if !token.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(invalid(
+            "access_token has characters not allowed in an HTTP header",
+        ));
+    }
+    match obj.get("token_type") {
+        // RFC 6749 requires it, but some servers leave it out; Bearer is meant.
+        None => {}
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("dpop") => {
+            return Err(invalid("token_type DPoP is not supported"));
+        }
+        Some(Value::String(t)) => {
+            return Err(FetchError::InvalidResponse(format!(
+                "token_type {:?} is not Bearer",
+                clean(t)
+            )));
+        }
+        Some(_) => return Err(invalid("token_type is not a string")),
+    }
+    let expires_in = match obj.get("expires_in") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(n.as_f64().unwrap_or(f64::NAN)),
+        Some(Value::String(s)) => Some(
+            s.trim()
+                .parse::<f64>()
+                .map_err(|_| invalid("expires_in is not a number"))?,
+        ),
+        Some(_) => return Err(invalid("expires_in is not a number")),
+    };
+    let expires_in = match expires_in {
+        Some(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(
+            secs.min(MAX_LIFETIME.as_secs_f64()),
+        )),
+        Some(_) => return Err(invalid("expires_in must be a positive number of seconds")),
+        None => None,
+    };
+    let jwt_left = match jwt_exp(token) {
+        Some(exp) if exp <= now_unix => return Err(invalid("the token's JWT exp is already past")),
+        Some(exp) => Some(Duration::from_secs(exp - now_unix)),
+        None => None,
+    };
+    // The shorter of what the server said and what the token itself says:
+    // a server that hands back a cached token may report a fresh expires_in.
+    let lifetime = match (expires_in, jwt_left) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => default_lifetime,
+    }
+    .min(MAX_LIFETIME);
+    let scope = obj.get("scope").and_then(Value::as_str).map(clean);
+    Ok(Parsed {
+        access_token: Secret::new(token.clone()),
+        lifetime,
+        scope,
+    })
+}
+
+/// The `exp` claim of a token that is a JWT; `None` for opaque tokens.
+pub fn jwt_exp(token: &str) -> Option<u64> {
+    let mut parts = token.split('.');
+    let (_header, payload, _sig) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?;
+    exp.as_u64()
+        .or_else(|| exp.as_f64().filter(|f| *f > 0.0).map(|f| f as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+    const DEFAULT: Duration = Duration::from_secs(300);
+
+    fn ok(body: &str) -> Result<Parsed, FetchError> {
+        parse(200, body.as_bytes(), None, NOW, DEFAULT)
+    }
+
+    fn jwt(exp: u64) -> String {
+        let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!(
+            "{}.{}.sig",
+            b(r#"{"alg":"none"}"#),
+            b(&format!(r#"{{"exp":{exp}}}"#))
+        )
+    }
+
+    #[test]
+    fn lifetimes() {
+        let cases: &[(&str, Duration)] = &[
+            (
+                r#"{"access_token":"a","token_type":"Bearer","expires_in":3600}"#,
+                Duration::from_secs(3600),
+            ),
+            (
+                r#"{"access_token":"a","token_type":"bearer","expires_in":"60"}"#,
+                Duration::from_secs(60),
+            ),
+            (
+                r#"{"access_token":"a","expires_in":1.5}"#,
+                Duration::from_millis(1500),
+            ),
+            (r#"{"access_token":"a"}"#, DEFAULT),
+            (r#"{"access_token":"a","expires_in":null}"#, DEFAULT),
+            (r#"{"access_token":"a","expires_in":1e12}"#, MAX_LIFETIME),
+        ];
+        for (body, want) in cases {
+            assert_eq!(ok(body).unwrap().lifetime, *want, "{body}");
+        }
+    }
+
+    #[test]
+    fn jwt_exp_bounds_lifetime() {
+        let t = jwt(NOW + 30);
+        let body = format!(r#"{{"access_token":"{t}","expires_in":3600}}"#);
+        assert_eq!(ok(&body).unwrap().lifetime, Duration::from_secs(30));
+        let body = format!(r#"{{"access_token":"{t}"}}"#);
+        assert_eq!(ok(&body).unwrap().lifetime, Duration::from_secs(30));
+        let body = format!(r#"{{"access_token":"{}"}}"#, jwt(NOW - 1));
+        assert!(matches!(ok(&body), Err(FetchError::InvalidResponse(_))));
+    }
+
+    #[test]
+    fn invalid_bodies() {
+        for body in [
+            "",
+            "<html>oops</html>",
+            r#"{"access_token":"a""#,
+            "[]",
+            r#"{"token_type":"Bearer"}"#,
+            r#"{"access_token":""}"#,
+            r#"{"access_token":42}"#,
+            r#"{"access_token":"a b"}"#,
+            "{\"access_token\":\"a\\r\\nX-Evil: 1\"}",
+            r#"{"access_token":"tök"}"#,
+            r#"{"access_token":"a","token_type":"mac"}"#,
+            r#"{"access_token":"a","token_type":"DPoP"}"#,
+            r#"{"access_token":"a","expires_in":0}"#,
+            r#"{"access_token":"a","expires_in":-5}"#,
+            r#"{"access_token":"a","expires_in":"soon"}"#,
+            r#"{"access_token":"a","expires_in":[1]}"#,
+        ] {
+            assert!(
+                matches!(ok(body), Err(FetchError::InvalidResponse(_))),
+                "{body:?} should be invalid"
+            );
+        }
+    }
+
+    #[test]
+    fn error_bodies_name_the_oauth_error() {
+        let e = parse(
+            400,
+            br#"{"error":"invalid_client","error_description":"bad secret"}"#,
+            None,
+            NOW,
+            DEFAULT,
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), "invalid_client");
+        assert_eq!(
+            e.to_string(),
+            "token endpoint answered HTTP 400: invalid_client (bad secret)"
+        );
+        let e = parse(503, b"<html>", Some(Duration::from_secs(7)), NOW, DEFAULT).unwrap_err();
+        assert_eq!(e.reason(), "http_status");
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn errors_never_echo_the_token() {
+        let e = ok(r#"{"access_token":"SECRET-TOKEN","token_type":"weird"}"#).unwrap_err();
+        assert!(!format!("{e} {e:?}").contains("SECRET-TOKEN"));
+        let p = ok(r#"{"access_token":"SECRET-TOKEN"}"#).unwrap();
+        assert!(!format!("{p:?}").contains("SECRET-TOKEN"));
+    }
+}

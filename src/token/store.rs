@@ -1,0 +1,213 @@
+//! The current token of one profile: written only by its refresh task, read
+//! by the request path without locks or waiting while a usable token exists.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwapOption, Guard};
+use tokio::sync::{Notify, watch};
+
+use super::{FetchError, Token};
+
+/// The profile has no usable token; says why, never what a token was.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("no valid token for profile {profile:?}: {reason}")]
+pub struct Unavailable {
+    pub profile: Arc<str>,
+    pub reason: String,
+}
+
+/// What [`Store::invalidate`] did after an upstream 401.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalidated {
+    /// The token was dropped and a fresh one is being fetched.
+    Refetching,
+    /// Another token is already current: retry with it.
+    AlreadyReplaced,
+    /// A refetch for a 401 happened too recently: give the app the 401.
+    RateLimited,
+}
+
+pub struct Store {
+    profile: Arc<str>,
+    current: ArcSwapOption<Token>,
+    /// Bumped after every fetch attempt; waiters watch it.
+    attempts: watch::Sender<u64>,
+    fetching: AtomicBool,
+    /// The last attempt failed and the task is waiting to retry.
+    backing_off: AtomicBool,
+    last_error: ArcSwapOption<String>,
+    /// Set once a usable token was held: the readiness latch.
+    ever_valid: AtomicBool,
+    wake: Notify,
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last 401-driven invalidation + 1.
+    last_invalidation_ms: AtomicU64,
+    unauthorized_interval: Duration,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("profile", &self.profile)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// A store with no token yet; the refresh task starts as "fetching" so
+    /// the first requests wait for its first answer instead of failing.
+    pub fn new(profile: &str, unauthorized_interval: Duration) -> Self {
+        Self {
+            profile: profile.into(),
+            current: ArcSwapOption::empty(),
+            attempts: watch::Sender::new(0),
+            fetching: AtomicBool::new(true),
+            backing_off: AtomicBool::new(false),
+            last_error: ArcSwapOption::empty(),
+            ever_valid: AtomicBool::new(false),
+            wake: Notify::new(),
+            epoch: Instant::now(),
+            last_invalidation_ms: AtomicU64::new(0),
+            unauthorized_interval,
+        }
+    }
+
+    pub fn profile(&self) -> &Arc<str> {
+        &self.profile
+    }
+
+    /// The current token if it is usable now. The hot path: one atomic load.
+    #[inline]
+    pub fn current(&self) -> Option<Arc<Token>> {
+        let guard: Guard<Option<Arc<Token>>> = self.current.load();
+        match &*guard {
+            Some(t) if t.usable_at(Instant::now()) => Some(Arc::clone(t)),
+            _ => None,
+        }
+    }
+
+    /// The current token, or waits (at most `wait`) for the fetch in flight.
+    /// Never starts a second fetch: all waiters share the task's one request.
+    pub async fn get(&self, wait: Duration) -> Result<Arc<Token>, Unavailable> {
+        if let Some(t) = self.current() {
+            return Ok(t);
+        }
+        let mut rx = self.attempts.subscribe();
+        // Re-check after subscribing so a publish in between is not missed.
+        if let Some(t) = self.current() {
+            return Ok(t);
+        }
+        if !self.fetching.load(Ordering::Acquire) {
+            if self.backing_off.load(Ordering::Acquire) {
+                // The endpoint is failing: answer now, the task keeps trying.
+                return Err(self.unavailable());
+            }
+            self.wake.notify_one();
+        }
+        match tokio::time::timeout(wait, rx.changed()).await {
+            Ok(_) => self.current().ok_or_else(|| self.unavailable()),
+            Err(_) => Err(Unavailable {
+                profile: self.profile.clone(),
+                reason: format!("no token after waiting {wait:?}"),
+            }),
+        }
+    }
+
+    fn unavailable(&self) -> Unavailable {
+        let reason = match &*self.last_error.load() {
+            Some(e) => e.as_str().to_owned(),
+            None if self.current.load().is_some() => "the token expired".to_owned(),
+            None => "no token fetched yet".to_owned(),
+        };
+        Unavailable {
+            profile: self.profile.clone(),
+            reason,
+        }
+    }
+
+    /// After an upstream 401 with `used`: drop it (only if it is still the
+    /// current one) and wake the task, at most once per interval.
+    pub fn invalidate(&self, used: &Arc<Token>) -> Invalidated {
+        let current = self.current.load();
+        match &*current {
+            Some(c) if Arc::ptr_eq(c, used) => {}
+            _ => return Invalidated::AlreadyReplaced,
+        }
+        let now_ms = self.epoch.elapsed().as_millis() as u64 + 1;
+        let last = self.last_invalidation_ms.load(Ordering::Acquire);
+        if last != 0 && now_ms.saturating_sub(last) < self.unauthorized_interval.as_millis() as u64
+        {
+            return Invalidated::RateLimited;
+        }
+        if self
+            .last_invalidation_ms
+            .compare_exchange(last, now_ms, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Another request is invalidating this very token right now.
+            return Invalidated::AlreadyReplaced;
+        }
+        let prev = self.current.compare_and_swap(&*current, None::<Arc<Token>>);
+        if !matches!(&*prev, Some(p) if Arc::ptr_eq(p, used)) {
+            return Invalidated::AlreadyReplaced;
+        }
+        // Mark the fetch as under way before waking the task, so requests
+        // arriving now wait for it rather than answer 503.
+        self.fetching.store(true, Ordering::Release);
+        self.wake.notify_one();
+        Invalidated::Refetching
+    }
+
+    // ---- the refresh task's side ----
+
+    pub(super) fn begin_fetch(&self) {
+        self.fetching.store(true, Ordering::Release);
+    }
+
+    pub(super) fn publish(&self, token: Arc<Token>) {
+        self.current.store(Some(token));
+        self.last_error.store(None);
+        self.ever_valid.store(true, Ordering::Release);
+        self.backing_off.store(false, Ordering::Release);
+        self.end_fetch();
+    }
+
+    pub(super) fn fail(&self, error: &FetchError) {
+        self.last_error.store(Some(Arc::new(error.to_string())));
+        self.backing_off.store(true, Ordering::Release);
+        self.end_fetch();
+    }
+
+    fn end_fetch(&self) {
+        self.fetching.store(false, Ordering::Release);
+        self.attempts.send_modify(|n| *n += 1);
+    }
+
+    pub(super) async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    // ---- status, for readiness and admin pages ----
+
+    /// Whether this profile has ever held a usable token.
+    pub fn ever_valid(&self) -> bool {
+        self.ever_valid.load(Ordering::Acquire)
+    }
+
+    /// The message of the last failed attempt, if the last attempt failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.load().as_deref().cloned()
+    }
+
+    /// The current token whether or not usable, for status display.
+    pub fn peek(&self) -> Option<Arc<Token>> {
+        self.current.load_full()
+    }
+
+    /// A receiver that changes after each fetch attempt (tests, readiness).
+    pub fn attempts(&self) -> watch::Receiver<u64> {
+        self.attempts.subscribe()
+    }
+}
