@@ -746,6 +746,14 @@ impl Validator<'_> {
             .listen
             .as_deref()
             .map(|l| self.addr(&key("listen"), Some(l), "127.0.0.1:0"));
+        if listen.is_some() && matches!(upstream, Some(UpstreamTarget::SameHost)) {
+            // On its own port the app's Host header would pick the upstream,
+            // and the token could go anywhere.
+            self.problem(
+                key("upstream"),
+                "a wildcard route with its own listen port needs an explicit upstream",
+            );
+        }
         let protocol = match r.upstream_protocol.as_deref().unwrap_or("auto") {
             "auto" => UpstreamProtocol::Auto,
             "http1" => UpstreamProtocol::Http1,

@@ -24,7 +24,6 @@ profile = "billing"
 [[routes]]
 host = "*.example.org"
 profile = "billing"
-listen = "127.0.0.1:0"
 "#;
 
 fn load(text: &str, dir: &tempfile::TempDir) -> Result<Config, Error> {
@@ -227,4 +226,17 @@ fn bad_ca_file_is_reported() {
     let text = GOOD.replace("scopes = [\"read\", \"write\"]", "ca_file = \"ca.pem\"");
     let e = load(&text, &dir).unwrap_err().lines();
     assert!(e[0].starts_with("profiles.billing.ca_file:"), "{e:?}");
+}
+
+#[test]
+fn wildcard_route_with_listener_needs_upstream() {
+    let text = format!(
+        "{GOOD}\n[[routes]]\nhost = \"*.x.test\"\nprofile = \"billing\"\nlisten = \"127.0.0.1:0\"\n"
+    );
+    assert_eq!(
+        problems(&text),
+        vec![
+            "routes[2].upstream: a wildcard route with its own listen port needs an explicit upstream"
+        ]
+    );
 }

@@ -61,6 +61,14 @@ impl Token {
         })
     }
 
+    /// Never lets a re-issued copy of `held` be used or live longer than
+    /// `held` itself.
+    pub(crate) fn cap_to(&mut self, held: &Token) {
+        self.expires_at = self.expires_at.min(held.expires_at);
+        self.usable_until = self.usable_until.min(held.usable_until);
+        self.expires_unix = self.expires_unix.min(held.expires_unix);
+    }
+
     /// The `Authorization` value, `Bearer …`, marked sensitive.
     #[inline]
     pub fn header(&self) -> &HeaderValue {

@@ -107,14 +107,26 @@ pub async fn run(store: Arc<Store>, client: Arc<Client>, policy: Policy) {
         let result = client.fetch().await;
         let elapsed = sent.elapsed();
         let next = match result.and_then(|parsed| {
-            Token::new(
+            let held = store.peek();
+            let lifetime = same_token_lifetime(held.as_deref(), &parsed, sent);
+            let mut token = Token::new(
                 &parsed.access_token,
                 sent,
-                parsed.lifetime,
+                lifetime,
                 &policy,
                 fastrand::f64(),
-            )
-            .map(|t| (t, parsed.lifetime))
+            )?;
+            if let Some(held) = held.filter(|h| h.header() == token.header()) {
+                token.cap_to(&held);
+            }
+            if !token.usable_at(Instant::now()) {
+                // Treated as a failure so that retries back off instead of
+                // every request asking for the same dying token again.
+                return Err(super::FetchError::InvalidResponse(
+                    "the token endpoint returned a token that is expired or about to expire".into(),
+                ));
+            }
+            Ok((token, lifetime))
         }) {
             Ok((token, lifetime)) => {
                 failures = 0;
@@ -163,6 +175,26 @@ pub async fn run(store: Arc<Store>, client: Arc<Client>, policy: Policy) {
                 }
             }
         }
+    }
+}
+
+/// Some servers answer a renewal with the token they already gave, and a
+/// fresh `expires_in`. That token still dies when it was first going to:
+/// count its lifetime from what we already know, so renewals are scheduled
+/// by the real expiry.
+fn same_token_lifetime(
+    held: Option<&Token>,
+    parsed: &super::response::Parsed,
+    sent: Instant,
+) -> Duration {
+    let same = held.filter(|h| {
+        h.header().as_bytes().get(7..) == Some(parsed.access_token.expose().as_bytes())
+    });
+    match same {
+        Some(h) => parsed
+            .lifetime
+            .min(h.expires_at().saturating_duration_since(sent)),
+        None => parsed.lifetime,
     }
 }
 
