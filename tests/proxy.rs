@@ -142,7 +142,12 @@ async fn client_secret_post_sends_credentials_in_the_body() {
     let w = World::new(Mode::Issue(60.0)).await;
     let text = w.config("", "").replace(
         "client_secret_file = \"client-secret\"",
-        "client_secret_file = \"client-secret\"\nauth_method = \"client_secret_post\"",
+        r#"client_secret_file = "client-secret"
+auth_method = "client_secret_post"
+audience = "https://api.test"
+resources = ["https://api.test/a", "https://api.test/b"]
+extra_params = { tenant = "eu" }
+token_headers = { "X-Client" = "billing" }"#,
     );
     let app = w.start(&text).await;
     let r = proxied_client(app.proxy_addr())
@@ -155,6 +160,22 @@ async fn client_secret_post_sends_credentials_in_the_body() {
     let form = w.tokens.state.last_form.lock().unwrap().clone();
     assert!(form.contains(&("client_id".into(), CLIENT_ID.into())));
     assert!(form.contains(&("client_secret".into(), SECRET.into())));
+    for (k, v) in [
+        ("audience", "https://api.test"),
+        ("resource", "https://api.test/a"),
+        ("resource", "https://api.test/b"),
+        ("tenant", "eu"),
+        ("scope", "read write"),
+    ] {
+        assert!(
+            form.contains(&(k.into(), v.into())),
+            "{k}={v} missing from {form:?}"
+        );
+    }
+    assert_eq!(
+        w.tokens.state.last_x_client.lock().unwrap().as_deref(),
+        Some("billing")
+    );
     app.shutdown().await;
 }
 

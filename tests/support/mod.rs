@@ -139,6 +139,8 @@ pub struct TokenState {
     /// token → when it expires.
     pub issued: Mutex<HashMap<String, Instant>>,
     pub last_authorization: Mutex<Option<String>>,
+    /// The `x-client` header of the last token request (token_headers).
+    pub last_x_client: Mutex<Option<String>>,
     pub last_form: Mutex<Vec<(String, String)>>,
 }
 
@@ -198,6 +200,10 @@ async fn token_handler(s: Arc<TokenState>, req: Request<Incoming>) -> Response<B
     let auth = req
         .headers()
         .get("authorization")
+        .map(|v| v.to_str().unwrap_or("").to_owned());
+    *s.last_x_client.lock().unwrap() = req
+        .headers()
+        .get("x-client")
         .map(|v| v.to_str().unwrap_or("").to_owned());
     let body = req
         .into_body()
