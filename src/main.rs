@@ -78,6 +78,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: token_injector::config::Config) -> ExitCode {
+    // Handlers first: a signal during start-up must drain, not kill.
+    let stop = match shutdown_signal() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let running = match token_injector::start(config).await {
         Ok(r) => r,
         Err(e) => {
@@ -85,7 +93,7 @@ async fn run(config: token_injector::config::Config) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    wait_for_signal().await;
+    stop.await;
     tracing::info!("shutting down: draining in-flight requests");
     running.shutdown().await;
     tracing::info!("stopped");
@@ -120,11 +128,15 @@ fn init_tracing() {
     }
 }
 
-async fn wait_for_signal() {
+/// Registers SIGTERM and SIGINT now; the future resolves on either.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }

@@ -50,6 +50,11 @@ impl Pattern {
     pub fn is_wildcard(&self) -> bool {
         self.wildcard
     }
+
+    /// The port the pattern is limited to, if any.
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
 }
 
 impl fmt::Display for Pattern {

@@ -748,3 +748,32 @@ async fn graceful_shutdown_lets_a_slow_request_finish() {
         "no longer accepting"
     );
 }
+
+#[tokio::test]
+async fn unreachable_token_endpoint_is_not_named_to_the_app() {
+    let w = World::new(Mode::Issue(60.0)).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let text = w.config("", "").replace(
+        &w.tokens.url(),
+        &format!("https://localhost:{dead}/oauth2/token"),
+    );
+    let app = w.start(&text).await;
+    let r = eventually(Duration::from_secs(5), || {
+        let c = proxied_client(app.proxy_addr());
+        async move {
+            let r = c.get("http://api.test/").send().await.unwrap();
+            (r.status() == 503).then_some(r)
+        }
+    })
+    .await;
+    let body = body_text(r).await;
+    assert!(body.contains("cannot reach the token endpoint"), "{body}");
+    assert!(
+        !body.contains("oauth2/token") && !body.contains(&dead.to_string()),
+        "{body}"
+    );
+    app.shutdown().await;
+}

@@ -24,8 +24,13 @@ use raw::{Raw, RawProfile, RawRoute};
 /// Environment variables with this prefix override config keys; `__`
 /// separates nesting levels (`TOKEN_INJECTOR_PROXY__LISTEN`).
 pub const ENV_PREFIX: &str = "TOKEN_INJECTOR_";
-/// Variables under the prefix that are not config keys.
-const ENV_NOT_KEYS: &[&str] = &["CONFIG", "WORKERS", "LOG_FORMAT"];
+/// Only variables naming a key under these tables are overrides; others
+/// under the prefix (`TOKEN_INJECTOR_CONFIG`, `_WORKERS`, `_LOG_FORMAT`, or
+/// the `TOKEN_INJECTOR_SERVICE_HOST` that Kubernetes service links inject)
+/// are not config and are ignored.
+const ENV_SECTIONS: &[&str] = &["proxy", "admin", "tokens", "upstream", "profiles", "routes"];
+/// No configured duration may exceed this.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// The validated configuration. Built only by [`load`] or [`from_text`].
 #[derive(Debug, Clone)]
@@ -258,10 +263,11 @@ impl EnvOverrides {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            if rest.is_empty() || ENV_NOT_KEYS.contains(&rest) {
-                continue;
-            }
             let key = rest.to_ascii_lowercase();
+            match key.split_once("__") {
+                Some((section, _)) if ENV_SECTIONS.contains(&section) => {}
+                _ => continue,
+            }
             let path: Vec<&str> = key.split("__").collect();
             if path.iter().any(|k| k.is_empty()) {
                 continue;
@@ -508,13 +514,23 @@ impl Validator<'_> {
     fn duration(&mut self, key: &str, value: Option<String>, default: &str) -> Duration {
         match value {
             None => dur(default),
-            Some(v) => humantime::parse_duration(&v).unwrap_or_else(|_| {
-                self.problem(
-                    key,
-                    format!("invalid duration {v:?}; expected e.g. \"10s\", \"500ms\" or \"5m\""),
-                );
-                dur(default)
-            }),
+            Some(v) => match humantime::parse_duration(&v) {
+                // A bound keeps every timer and sum of durations far from overflow.
+                Ok(d) if d > MAX_DURATION => {
+                    self.problem(key, format!("{v:?} is too long; at most 24h"));
+                    dur(default)
+                }
+                Ok(d) => d,
+                Err(_) => {
+                    self.problem(
+                        key,
+                        format!(
+                            "invalid duration {v:?}; expected e.g. \"10s\", \"500ms\" or \"5m\""
+                        ),
+                    );
+                    dur(default)
+                }
+            },
         }
     }
 
@@ -550,6 +566,13 @@ impl Validator<'_> {
         let mut ok = true;
         let token_url = match (&p.token_url, &p.issuer) {
             (Some(u), None) => match url::Url::parse(u) {
+                Ok(url) if !url.username().is_empty() || url.password().is_some() => {
+                    self.problem(
+                        key("token_url"),
+                        "must not contain user information; use client_secret_file or client_secret_env",
+                    );
+                    None
+                }
                 Ok(url) if url.scheme() == "https" && url.host().is_some() => Some(url),
                 Ok(_) => {
                     self.problem(key("token_url"), format!("{u:?} must be an https:// URL"));
@@ -746,6 +769,16 @@ impl Validator<'_> {
             .listen
             .as_deref()
             .map(|l| self.addr(&key("listen"), Some(l), "127.0.0.1:0"));
+        if matches!(upstream, Some(UpstreamTarget::SameHost))
+            && host.as_ref().is_some_and(|h| h.port().is_some())
+        {
+            // The upstream would be the request host on 443, not the port the
+            // pattern names: say where to go instead of guessing.
+            self.problem(
+                key("upstream"),
+                "a wildcard route with a port needs an explicit upstream",
+            );
+        }
         if listen.is_some() && matches!(upstream, Some(UpstreamTarget::SameHost)) {
             // On its own port the app's Host header would pick the upstream,
             // and the token could go anywhere.

@@ -88,6 +88,15 @@ fn env_overrides_apply_and_non_keys_are_ignored() {
         ("TOKEN_INJECTOR_WORKERS".to_owned(), "1".to_owned()),
         ("TOKEN_INJECTOR_LOG_FORMAT".to_owned(), "json".to_owned()),
         ("UNRELATED".to_owned(), "1".to_owned()),
+        // Injected by Kubernetes service links for a Service "token-injector".
+        (
+            "TOKEN_INJECTOR_SERVICE_HOST".to_owned(),
+            "10.0.0.1".to_owned(),
+        ),
+        (
+            "TOKEN_INJECTOR_PORT".to_owned(),
+            "tcp://10.0.0.1:80".to_owned(),
+        ),
     ];
     let c = from_text(GOOD, dir.path(), env).unwrap();
     assert_eq!(c.proxy.listen, "127.0.0.1:4999".parse().unwrap());
@@ -238,5 +247,33 @@ fn wildcard_route_with_listener_needs_upstream() {
         vec![
             "routes[2].upstream: a wildcard route with its own listen port needs an explicit upstream"
         ]
+    );
+}
+
+#[test]
+fn durations_are_bounded_and_token_url_has_no_userinfo() {
+    let text = GOOD.replace(
+        "token_url = \"https://idp.test/oauth2/token\"",
+        "token_url = \"https://id:pw@idp.test/oauth2/token\"",
+    ) + "\n[tokens]\nretry_max = \"300000000y\"\n";
+    let p = problems(&text);
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("tokens.retry_max: \"300000000y\" is too long")),
+        "{p:?}"
+    );
+    assert!(p.iter().any(|l| l.starts_with("profiles.billing.token_url: must not contain user information")), "{p:?}");
+    assert!(
+        !p.iter().any(|l| l.contains("pw")),
+        "the password must not be echoed: {p:?}"
+    );
+}
+
+#[test]
+fn wildcard_route_with_port_needs_upstream() {
+    let text = format!("{GOOD}\n[[routes]]\nhost = \"*.p.test:8443\"\nprofile = \"billing\"\n");
+    assert_eq!(
+        problems(&text),
+        vec!["routes[2].upstream: a wildcard route with a port needs an explicit upstream"]
     );
 }

@@ -136,7 +136,7 @@ impl Client {
             .body(body)
             .send()
             .await
-            .map_err(|e| self.transport_error(&e))?;
+            .map_err(|e| self.transport_error(e))?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -150,7 +150,7 @@ impl Client {
                 ReadError::TooLarge => {
                     FetchError::InvalidResponse(format!("body larger than {MAX_BODY} bytes"))
                 }
-                ReadError::Transport(e) => self.transport_error(&e),
+                ReadError::Transport(e) => self.transport_error(e),
             })?;
         let now_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -159,11 +159,13 @@ impl Client {
         response::parse(status, &body, retry_after, now_unix, self.default_lifetime)
     }
 
-    fn transport_error(&self, e: &reqwest::Error) -> FetchError {
+    /// Without the URL: the error reaches 503 bodies, and the app is not
+    /// to learn the token endpoint.
+    fn transport_error(&self, e: reqwest::Error) -> FetchError {
         if e.is_timeout() {
             FetchError::Timeout(self.timeout)
         } else {
-            FetchError::Connect(error_chain(e))
+            FetchError::Connect(error_chain(&e.without_url()))
         }
     }
 }

@@ -63,10 +63,14 @@ impl Token {
 
     /// Never lets a re-issued copy of `held` be used or live longer than
     /// `held` itself.
-    pub(crate) fn cap_to(&mut self, held: &Token) {
+    pub(crate) fn cap_to(&mut self, held: &Token, now: Instant) {
         self.expires_at = self.expires_at.min(held.expires_at);
         self.usable_until = self.usable_until.min(held.usable_until);
         self.expires_unix = self.expires_unix.min(held.expires_unix);
+        // Renew while the token is still usable, halfway to that point, so
+        // requests never find it unusable before the renewal has run.
+        let halfway = now + self.usable_until.saturating_duration_since(now) / 2;
+        self.refresh_at = self.refresh_at.min(halfway);
     }
 
     /// The `Authorization` value, `Bearer …`, marked sensitive.

@@ -117,7 +117,7 @@ pub async fn run(store: Arc<Store>, client: Arc<Client>, policy: Policy) {
                 fastrand::f64(),
             )?;
             if let Some(held) = held.filter(|h| h.header() == token.header()) {
-                token.cap_to(&held);
+                token.cap_to(&held, Instant::now());
             }
             if !token.usable_at(Instant::now()) {
                 // Treated as a failure so that retries back off instead of

@@ -141,17 +141,21 @@ impl Store {
         {
             return Invalidated::RateLimited;
         }
-        if self
-            .last_invalidation_ms
-            .compare_exchange(last, now_ms, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            // Another request is invalidating this very token right now.
-            return Invalidated::AlreadyReplaced;
-        }
+        // Losing this race means another request is invalidating the same
+        // token right now; dropping it here too is harmless and makes sure
+        // neither request retries with the refused token.
+        let _ = self.last_invalidation_ms.compare_exchange(
+            last,
+            now_ms,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         let prev = self.current.compare_and_swap(&*current, None::<Arc<Token>>);
         if !matches!(&*prev, Some(p) if Arc::ptr_eq(p, used)) {
-            return Invalidated::AlreadyReplaced;
+            // Replaced by a fresh token already, or dropped by the other request.
+            if self.current().is_some() {
+                return Invalidated::AlreadyReplaced;
+            }
         }
         // Mark the fetch as under way before waking the task, so requests
         // arriving now wait for it rather than answer 503.
