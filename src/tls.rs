@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -21,6 +21,14 @@ pub enum Error {
     Pem { path: PathBuf, reason: String },
     #[error("certificate in {path} was refused as a trust root: {reason}")]
     Root { path: PathBuf, reason: String },
+    #[error("{path} holds no PEM private key")]
+    NoKey { path: PathBuf },
+    #[error("client certificate {cert} and key {key} do not belong together: {reason}")]
+    Identity {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
     #[error("TLS setup failed: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -66,15 +74,60 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A client certificate chain and its key, read from PEM files.
+pub struct Identity {
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+/// Reads a client certificate and key and checks that they match.
+pub fn load_identity(cert: &Path, key: &Path) -> Result<Identity, Error> {
+    let certs = load_certs(cert)?;
+    let data = zeroize::Zeroizing::new(std::fs::read(key).map_err(|source| Error::Read {
+        path: key.to_owned(),
+        source,
+    })?);
+    let key_der = PrivateKeyDer::from_pem_slice(&data).map_err(|_| Error::NoKey {
+        path: key.to_owned(),
+    })?;
+    let identity = Identity {
+        certs,
+        key: key_der,
+    };
+    // Building a config checks that the key fits the certificate.
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_client_auth_cert(identity.certs.clone(), identity.key.clone_key())
+        .map_err(|e| Error::Identity {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })?;
+    Ok(identity)
+}
+
 /// A client config trusting `ca_file` beside the web PKI, offering `alpn`.
 pub fn client_config(
     ca_file: Option<&Path>,
     alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, Error> {
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    client_config_with(ca_file, alpn, None)
+}
+
+/// As [`client_config`], presenting `identity` when the server asks.
+pub fn client_config_with(
+    ca_file: Option<&Path>,
+    alpn: &[&[u8]],
+    identity: Option<Identity>,
+) -> Result<rustls::ClientConfig, Error> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(root_store(ca_file)?)
-        .with_no_client_auth();
+        .with_root_certificates(root_store(ca_file)?);
+    let mut config = match identity {
+        Some(id) => builder.with_client_auth_cert(id.certs, id.key)?,
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }

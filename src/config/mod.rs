@@ -19,6 +19,7 @@ use http::{HeaderName, HeaderValue};
 
 use crate::route::Pattern;
 use crate::secret;
+use crate::token::assertion::{Alg, SigningKey};
 use raw::{Raw, RawProfile, RawRoute};
 
 /// Environment variables with this prefix override config keys; `__`
@@ -89,9 +90,11 @@ pub struct Upstream {
 #[derive(Debug, Clone)]
 pub struct Profile {
     pub name: String,
-    pub token_url: url::Url,
+    pub endpoint: Endpoint,
     pub client_id: String,
     pub auth: ClientAuth,
+    /// The `aud` of JWT client assertions; default: the token endpoint URL.
+    pub assertion_audience: Option<String>,
     pub scopes: Vec<String>,
     pub audience: Option<String>,
     pub resources: Vec<String>,
@@ -101,6 +104,23 @@ pub struct Profile {
     pub basic_encoding: BasicEncoding,
 }
 
+/// Where the token endpoint is.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    TokenUrl(url::Url),
+    /// Found through RFC 8414, then OpenID discovery, at the first fetch.
+    Issuer(url::Url),
+}
+
+/// The `auth_method` values, as `check` lists them.
+pub const METHODS: [&str; 5] = [
+    "client_secret_basic",
+    "client_secret_post",
+    "client_secret_jwt",
+    "private_key_jwt",
+    "tls_client_auth",
+];
+
 /// How the client proves itself at the token endpoint.
 #[derive(Debug, Clone)]
 pub enum ClientAuth {
@@ -108,6 +128,26 @@ pub enum ClientAuth {
     SecretBasic(secret::Source),
     /// `client_id` and `client_secret` in the form body.
     SecretPost(secret::Source),
+    /// An assertion signed with an HMAC of the client secret.
+    SecretJwt {
+        secret: secret::Source,
+        alg: Alg,
+        key_id: Option<String>,
+    },
+    /// An assertion signed with the client's private key, read at each request.
+    PrivateKeyJwt {
+        key_file: PathBuf,
+        alg: Option<Alg>,
+        key_id: Option<String>,
+    },
+    /// A ready-made assertion from a file (a projected ServiceAccount token,
+    /// workload identity federation), read at each request.
+    ClientAssertion(secret::Source),
+    /// Mutual TLS with a client certificate (RFC 8705 §2).
+    TlsClientAuth {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+    },
 }
 
 impl ClientAuth {
@@ -115,6 +155,9 @@ impl ClientAuth {
         match self {
             ClientAuth::SecretBasic(_) => "client_secret_basic",
             ClientAuth::SecretPost(_) => "client_secret_post",
+            ClientAuth::SecretJwt { .. } => "client_secret_jwt",
+            ClientAuth::PrivateKeyJwt { .. } | ClientAuth::ClientAssertion(_) => "private_key_jwt",
+            ClientAuth::TlsClientAuth { .. } => "tls_client_auth",
         }
     }
 }
@@ -561,53 +604,30 @@ impl Validator<'_> {
         Some(path)
     }
 
-    fn profile(&mut self, name: &str, p: RawProfile) -> Option<Profile> {
-        let key = |k: &str| format!("profiles.{name}.{k}");
-        let mut ok = true;
-        let token_url = match (&p.token_url, &p.issuer) {
-            (Some(u), None) => match url::Url::parse(u) {
-                Ok(url) if !url.username().is_empty() || url.password().is_some() => {
-                    self.problem(
-                        key("token_url"),
-                        "must not contain user information; use client_secret_file or client_secret_env",
-                    );
-                    None
-                }
-                Ok(url) if url.scheme() == "https" && url.host().is_some() => Some(url),
-                Ok(_) => {
-                    self.problem(key("token_url"), format!("{u:?} must be an https:// URL"));
-                    None
-                }
-                Err(e) => {
-                    self.problem(key("token_url"), format!("invalid URL {u:?}: {e}"));
-                    None
-                }
-            },
-            (None, Some(_)) => {
+    fn https_url(&mut self, key: &str, u: &str) -> Option<url::Url> {
+        match url::Url::parse(u) {
+            Ok(url) if !url.username().is_empty() || url.password().is_some() => {
                 self.problem(
-                    key("issuer"),
-                    "issuer discovery is not supported by this version yet; set token_url",
+                    key,
+                    "must not contain user information; use client_secret_file or client_secret_env",
                 );
                 None
             }
-            (Some(_), Some(_)) => {
-                self.problem(key("issuer"), "set either token_url or issuer, not both");
+            Ok(url) if url.scheme() == "https" && url.host().is_some() => Some(url),
+            Ok(_) => {
+                self.problem(key, format!("{u:?} must be an https:// URL"));
                 None
             }
-            (None, None) => {
-                self.problem(key("token_url"), "missing; every profile needs a token_url");
+            Err(e) => {
+                self.problem(key, format!("invalid URL {u:?}: {e}"));
                 None
             }
-        };
-        let client_id = match p.client_id {
-            Some(id) if !id.is_empty() => Some(id),
-            _ => {
-                self.problem(key("client_id"), "missing");
-                None
-            }
-        };
-        let method = p.auth_method.as_deref().unwrap_or("client_secret_basic");
-        let secret = match (&p.client_secret_file, &p.client_secret_env) {
+        }
+    }
+
+    fn secret_source(&mut self, name: &str, p: &RawProfile) -> Option<secret::Source> {
+        let key = |k: &str| format!("profiles.{name}.{k}");
+        match (&p.client_secret_file, &p.client_secret_env) {
             (Some(f), None) => {
                 let path = self.readable_file(&key("client_secret_file"), f);
                 let src = secret::Source::File(path);
@@ -630,59 +650,203 @@ impl Validator<'_> {
                 );
                 None
             }
-            (None, None) => None,
-        };
-        let auth = match method {
-            "client_secret_basic" | "client_secret_post" => match secret {
-                Some(src) if method == "client_secret_basic" => Some(ClientAuth::SecretBasic(src)),
-                Some(src) => Some(ClientAuth::SecretPost(src)),
+            (None, None) => {
+                let method = p.auth_method.as_deref().unwrap_or("client_secret_basic");
+                self.problem(
+                    key("client_secret_file"),
+                    format!("missing; auth_method {method:?} needs client_secret_file or client_secret_env"),
+                );
+                None
+            }
+        }
+    }
+
+    fn signing_alg(&mut self, key: &str, alg: Option<&str>) -> Result<Option<Alg>, ()> {
+        match alg {
+            None => Ok(None),
+            Some(a) => match Alg::parse(a) {
+                Some(alg) => Ok(Some(alg)),
                 None => {
-                    if p.client_secret_file.is_none() && p.client_secret_env.is_none() {
-                        self.problem(
-                            key("client_secret_file"),
-                            format!(
-                                "missing; auth_method {method:?} needs client_secret_file or client_secret_env"
-                            ),
-                        );
-                    }
-                    None
+                    self.one_of(key, a, &Alg::ALL);
+                    Err(())
                 }
             },
-            "client_secret_jwt" | "private_key_jwt" | "tls_client_auth" => {
-                self.problem(
-                    key("auth_method"),
-                    format!("{method:?} is not supported by this version yet; use client_secret_basic or client_secret_post"),
-                );
-                None
+        }
+    }
+
+    /// The client authentication of a profile: each method's own keys,
+    /// present and valid; keys of other methods refused.
+    fn client_auth(&mut self, name: &str, p: &RawProfile) -> Option<ClientAuth> {
+        let key = |k: &str| format!("profiles.{name}.{k}");
+        let method = p.auth_method.as_deref().unwrap_or("client_secret_basic");
+        // Which keys each method reads.
+        let uses: &[&str] = match method {
+            "client_secret_basic" | "client_secret_post" => {
+                &["client_secret_file", "client_secret_env"]
             }
+            "client_secret_jwt" => &[
+                "client_secret_file",
+                "client_secret_env",
+                "key_id",
+                "signing_alg",
+                "assertion_audience",
+            ],
+            "private_key_jwt" if p.client_assertion_file.is_some() => &["client_assertion_file"],
+            "private_key_jwt" => &[
+                "private_key_file",
+                "key_id",
+                "signing_alg",
+                "assertion_audience",
+            ],
+            "tls_client_auth" => &["client_cert_file", "client_key_file"],
             other => {
-                self.one_of(
-                    &key("auth_method"),
-                    other,
-                    &[
-                        "client_secret_basic",
-                        "client_secret_post",
-                        "client_secret_jwt",
-                        "private_key_jwt",
-                        "tls_client_auth",
-                    ],
-                );
-                None
+                self.one_of(&key("auth_method"), other, &METHODS);
+                // Still check a secret that is named: report everything at once.
+                if p.client_secret_file.is_some() || p.client_secret_env.is_some() {
+                    self.secret_source(name, p);
+                }
+                return None;
             }
         };
-        // Each method uses only its own keys: a stray key is a mistake.
+        let mut stray = false;
         for (k, set) in [
+            ("client_secret_file", p.client_secret_file.is_some()),
+            ("client_secret_env", p.client_secret_env.is_some()),
             ("private_key_file", p.private_key_file.is_some()),
             ("key_id", p.key_id.is_some()),
             ("signing_alg", p.signing_alg.is_some()),
+            ("assertion_audience", p.assertion_audience.is_some()),
             ("client_assertion_file", p.client_assertion_file.is_some()),
             ("client_cert_file", p.client_cert_file.is_some()),
             ("client_key_file", p.client_key_file.is_some()),
         ] {
-            if set && auth.is_some() {
-                self.problem(key(k), format!("not used by auth_method {method:?}"));
+            if set && !uses.contains(&k) {
+                let why = if method == "private_key_jwt" && p.client_assertion_file.is_some() {
+                    format!("not used by auth_method {method:?} with client_assertion_file")
+                } else {
+                    format!("not used by auth_method {method:?}")
+                };
+                self.problem(key(k), why);
+                stray = true;
             }
         }
+        let auth = match method {
+            "client_secret_basic" => self.secret_source(name, p).map(ClientAuth::SecretBasic),
+            "client_secret_post" => self.secret_source(name, p).map(ClientAuth::SecretPost),
+            "client_secret_jwt" => {
+                let secret = self.secret_source(name, p);
+                let alg = match self.signing_alg(&key("signing_alg"), p.signing_alg.as_deref()) {
+                    Ok(Some(a)) if !a.is_hmac() => {
+                        self.problem(
+                            key("signing_alg"),
+                            format!("{a} is not an HMAC algorithm; client_secret_jwt uses HS256, HS384 or HS512"),
+                        );
+                        None
+                    }
+                    Ok(a) => Some(a.unwrap_or(Alg::HS256)),
+                    Err(()) => None,
+                };
+                Some(ClientAuth::SecretJwt {
+                    secret: secret?,
+                    alg: alg?,
+                    key_id: p.key_id.clone(),
+                })
+            }
+            "private_key_jwt" => match (&p.private_key_file, &p.client_assertion_file) {
+                (_, Some(f)) => {
+                    let path = self.readable_file(&key("client_assertion_file"), f);
+                    Some(ClientAuth::ClientAssertion(secret::Source::File(path)))
+                }
+                (Some(f), None) => {
+                    let path = self.path(f);
+                    let alg = self.signing_alg(&key("signing_alg"), p.signing_alg.as_deref());
+                    match (SigningKey::load(&path), alg) {
+                        (Ok(k), Ok(alg)) => match k.alg(alg) {
+                            Ok(_) => Some(ClientAuth::PrivateKeyJwt {
+                                key_file: path,
+                                alg,
+                                key_id: p.key_id.clone(),
+                            }),
+                            Err(e) => {
+                                self.problem(key("signing_alg"), e.to_string());
+                                None
+                            }
+                        },
+                        (Err(e), _) => {
+                            self.problem(key("private_key_file"), e.to_string());
+                            None
+                        }
+                        (_, Err(())) => None,
+                    }
+                }
+                (None, None) => {
+                    self.problem(
+                        key("private_key_file"),
+                        "missing; private_key_jwt needs private_key_file or client_assertion_file",
+                    );
+                    None
+                }
+            },
+            "tls_client_auth" => match (&p.client_cert_file, &p.client_key_file) {
+                (Some(c), Some(k)) => {
+                    let (cert, key_file) = (self.path(c), self.path(k));
+                    match crate::tls::load_identity(&cert, &key_file) {
+                        Ok(_) => Some(ClientAuth::TlsClientAuth {
+                            cert_file: cert,
+                            key_file,
+                        }),
+                        Err(e) => {
+                            self.problem(key("client_cert_file"), e.to_string());
+                            None
+                        }
+                    }
+                }
+                (None, _) => {
+                    self.problem(
+                        key("client_cert_file"),
+                        "missing; tls_client_auth needs client_cert_file and client_key_file",
+                    );
+                    None
+                }
+                (_, None) => {
+                    self.problem(
+                        key("client_key_file"),
+                        "missing; tls_client_auth needs client_cert_file and client_key_file",
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
+        auth.filter(|_| !stray)
+    }
+
+    fn profile(&mut self, name: &str, p: RawProfile) -> Option<Profile> {
+        let key = |k: &str| format!("profiles.{name}.{k}");
+        let mut ok = true;
+        let endpoint = match (&p.token_url, &p.issuer) {
+            (Some(u), None) => self.https_url(&key("token_url"), u).map(Endpoint::TokenUrl),
+            (None, Some(u)) => self.https_url(&key("issuer"), u).map(Endpoint::Issuer),
+            (Some(_), Some(_)) => {
+                self.problem(key("issuer"), "set either token_url or issuer, not both");
+                None
+            }
+            (None, None) => {
+                self.problem(
+                    key("token_url"),
+                    "missing; set token_url, or issuer for discovery",
+                );
+                None
+            }
+        };
+        let client_id = match &p.client_id {
+            Some(id) if !id.is_empty() => Some(id.clone()),
+            _ => {
+                self.problem(key("client_id"), "missing");
+                None
+            }
+        };
+        let auth = self.client_auth(name, &p);
         let basic_encoding = match p.basic_encoding.as_deref().unwrap_or("form") {
             "form" => BasicEncoding::Form,
             "raw" => BasicEncoding::Raw,
@@ -720,9 +884,10 @@ impl Validator<'_> {
         let ca_file = self.ca_file(&key("ca_file"), p.ca_file.as_deref());
         Some(Profile {
             name: name.to_owned(),
-            token_url: token_url?,
+            endpoint: endpoint?,
             client_id: client_id?,
             auth: auth?,
+            assertion_audience: p.assertion_audience,
             scopes: p.scopes.unwrap_or_default(),
             audience: p.audience,
             resources: p.resources.unwrap_or_default(),

@@ -73,6 +73,7 @@ pub struct RawProfile {
     pub private_key_file: Option<String>,
     pub key_id: Option<String>,
     pub signing_alg: Option<String>,
+    pub assertion_audience: Option<String>,
     pub client_assertion_file: Option<String>,
     pub client_cert_file: Option<String>,
     pub client_key_file: Option<String>,

@@ -277,3 +277,182 @@ fn wildcard_route_with_port_needs_upstream() {
         vec!["routes[2].upstream: a wildcard route with a port needs an explicit upstream"]
     );
 }
+
+fn with_auth(dir: &tempfile::TempDir, auth: &str) -> Vec<String> {
+    let text = GOOD.replace("client_secret_file = \"secret\"\n", &format!("{auth}\n"));
+    match load(&text, dir) {
+        Ok(_) => vec![],
+        Err(e) => e.lines(),
+    }
+}
+
+fn write_key(
+    dir: &tempfile::TempDir,
+    name: &str,
+    alg: &'static rcgen::SignatureAlgorithm,
+) -> rcgen::KeyPair {
+    let kp = rcgen::KeyPair::generate_for(alg).unwrap();
+    std::fs::write(dir.path().join(name), kp.serialize_pem()).unwrap();
+    kp
+}
+
+#[test]
+fn private_key_jwt_checks_key_and_alg() {
+    let dir = dir_with_secret();
+    write_key(&dir, "ec.pem", &rcgen::PKCS_ECDSA_P256_SHA256);
+    std::fs::write(dir.path().join("junk.pem"), "junk").unwrap();
+    let ok = with_auth(
+        &dir,
+        "auth_method = \"private_key_jwt\"\nprivate_key_file = \"ec.pem\"\nkey_id = \"k1\"\nassertion_audience = \"https://idp.test\"",
+    );
+    assert!(ok.is_empty(), "{ok:?}");
+    let p = with_auth(
+        &dir,
+        "auth_method = \"private_key_jwt\"\nprivate_key_file = \"ec.pem\"\nsigning_alg = \"RS256\"",
+    );
+    assert_eq!(
+        p,
+        vec![
+            "profiles.billing.signing_alg: signing_alg RS256 does not fit a EC P-256 key; use one of ES256"
+        ]
+    );
+    let p = with_auth(
+        &dir,
+        "auth_method = \"private_key_jwt\"\nprivate_key_file = \"junk.pem\"",
+    );
+    assert!(
+        p[0].starts_with("profiles.billing.private_key_file:")
+            && p[0].contains("no PEM private key"),
+        "{p:?}"
+    );
+    let p = with_auth(&dir, "auth_method = \"private_key_jwt\"");
+    assert_eq!(
+        p,
+        vec![
+            "profiles.billing.private_key_file: missing; private_key_jwt needs private_key_file or client_assertion_file"
+        ]
+    );
+    let p = with_auth(
+        &dir,
+        "auth_method = \"private_key_jwt\"\nprivate_key_file = \"ec.pem\"\nsigning_alg = \"XS1\"",
+    );
+    assert!(
+        p[0].starts_with(
+            "profiles.billing.signing_alg: unknown value \"XS1\"; expected one of RS256"
+        ),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn federated_assertion_needs_only_its_file() {
+    let dir = dir_with_secret();
+    std::fs::write(dir.path().join("sa-token"), "eyJ.x.y\n").unwrap();
+    assert!(
+        with_auth(
+            &dir,
+            "auth_method = \"private_key_jwt\"\nclient_assertion_file = \"sa-token\""
+        )
+        .is_empty()
+    );
+    let p = with_auth(
+        &dir,
+        "auth_method = \"private_key_jwt\"\nclient_assertion_file = \"sa-token\"\nkey_id = \"x\"",
+    );
+    assert_eq!(
+        p,
+        vec![
+            "profiles.billing.key_id: not used by auth_method \"private_key_jwt\" with client_assertion_file"
+        ]
+    );
+    let p = with_auth(
+        &dir,
+        "auth_method = \"private_key_jwt\"\nclient_assertion_file = \"missing\"",
+    );
+    assert!(
+        p[0].starts_with("profiles.billing.client_assertion_file: cannot read"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn client_secret_jwt_needs_an_hmac_alg_and_a_secret() {
+    let dir = dir_with_secret();
+    assert!(with_auth(&dir, "auth_method = \"client_secret_jwt\"\nclient_secret_file = \"secret\"\nsigning_alg = \"HS512\"").is_empty());
+    let p = with_auth(
+        &dir,
+        "auth_method = \"client_secret_jwt\"\nclient_secret_file = \"secret\"\nsigning_alg = \"ES256\"",
+    );
+    assert_eq!(
+        p,
+        vec![
+            "profiles.billing.signing_alg: ES256 is not an HMAC algorithm; client_secret_jwt uses HS256, HS384 or HS512"
+        ]
+    );
+    let p = with_auth(&dir, "auth_method = \"client_secret_jwt\"");
+    assert!(
+        p[0].starts_with("profiles.billing.client_secret_file: missing"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn tls_client_auth_checks_the_pair() {
+    let dir = dir_with_secret();
+    let key = write_key(&dir, "client.key", &rcgen::PKCS_ECDSA_P256_SHA256);
+    write_key(&dir, "other.key", &rcgen::PKCS_ECDSA_P256_SHA256);
+    let cert = rcgen::CertificateParams::new(vec!["client.test".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.path().join("client.crt"), cert.pem()).unwrap();
+    let auth = |k: &str| {
+        format!(
+            "auth_method = \"tls_client_auth\"\nclient_cert_file = \"client.crt\"\nclient_key_file = \"{k}\""
+        )
+    };
+    assert!(with_auth(&dir, &auth("client.key")).is_empty());
+    let p = with_auth(&dir, &auth("other.key"));
+    assert!(
+        p[0].starts_with("profiles.billing.client_cert_file: client certificate"),
+        "{p:?}"
+    );
+    assert!(p[0].contains("do not belong together"), "{p:?}");
+    let p = with_auth(
+        &dir,
+        "auth_method = \"tls_client_auth\"\nclient_cert_file = \"client.crt\"",
+    );
+    assert!(
+        p[0].starts_with("profiles.billing.client_key_file: missing"),
+        "{p:?}"
+    );
+    let p = with_auth(
+        &dir,
+        &format!("{}\nclient_secret_file = \"secret\"", auth("client.key")),
+    );
+    assert_eq!(
+        p,
+        vec!["profiles.billing.client_secret_file: not used by auth_method \"tls_client_auth\""]
+    );
+}
+
+#[test]
+fn issuer_instead_of_token_url() {
+    let dir = dir_with_secret();
+    let text = GOOD.replace(
+        "token_url = \"https://idp.test/oauth2/token\"",
+        "issuer = \"https://idp.test/realms/x\"",
+    );
+    let c = load(&text, &dir).unwrap();
+    assert!(
+        matches!(&c.profiles["billing"].endpoint, Endpoint::Issuer(u) if u.as_str() == "https://idp.test/realms/x")
+    );
+    let text = GOOD.replace(
+        "token_url = \"https://idp.test/oauth2/token\"",
+        "token_url = \"https://idp.test/t\"\nissuer = \"https://idp.test\"",
+    );
+    assert_eq!(
+        problems(&text),
+        vec!["profiles.billing.issuer: set either token_url or issuer, not both"]
+    );
+}

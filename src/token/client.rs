@@ -1,6 +1,8 @@
 //! The token request of one profile: client credentials grant, with the
 //! profile's client authentication, over its own TLS trust.
 
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -8,7 +10,9 @@ use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue};
 use zeroize::Zeroizing;
 
-use crate::config::{BasicEncoding, ClientAuth, Profile};
+use crate::config::{BasicEncoding, ClientAuth, Endpoint, Profile};
+
+use super::assertion::{self, Signer, SigningKey};
 
 use super::response::{self, FetchError, Parsed};
 
@@ -17,10 +21,17 @@ pub const MAX_BODY: usize = 1024 * 1024;
 
 #[derive(Debug)]
 pub struct Client {
-    http: reqwest::Client,
-    url: url::Url,
+    profile: String,
+    /// Shared, pooled client; `None` for tls_client_auth, whose client is
+    /// built per request so a rotated certificate is used at once.
+    http: Option<reqwest::Client>,
+    ca_file: Option<PathBuf>,
+    endpoint: Endpoint,
+    /// The token endpoint found by issuer discovery, once found.
+    discovered: OnceLock<url::Url>,
     client_id: String,
     auth: ClientAuth,
+    assertion_audience: Option<String>,
     basic_encoding: BasicEncoding,
     /// The form parameters that do not change between requests.
     params: Vec<(String, String)>,
@@ -43,33 +54,45 @@ pub enum BuildError {
     },
 }
 
+fn http_client(
+    tls: rustls::ClientConfig,
+    timeout: Duration,
+) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        // A redirect could carry credentials elsewhere; token endpoints
+        // answer directly.
+        .redirect(reqwest::redirect::Policy::none())
+        // The sidecar's own HTTP_PROXY, if any, must not capture this.
+        .no_proxy()
+        .user_agent(concat!("token-injector/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
 impl Client {
     pub fn new(
         profile: &Profile,
         timeout: Duration,
         default_lifetime: Duration,
     ) -> Result<Self, BuildError> {
-        let tls = crate::tls::client_config(profile.ca_file.as_deref(), &[b"http/1.1"]).map_err(
-            |source| BuildError::Tls {
-                profile: profile.name.clone(),
-                source,
-            },
-        )?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            // A redirect could carry credentials elsewhere; token endpoints
-            // answer directly.
-            .redirect(reqwest::redirect::Policy::none())
-            // The sidecar's own HTTP_PROXY, if any, must not capture this.
-            .no_proxy()
-            .user_agent(concat!("token-injector/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|source| BuildError::Http {
-                profile: profile.name.clone(),
-                source,
-            })?;
+        let http = match profile.auth {
+            ClientAuth::TlsClientAuth { .. } => None,
+            _ => {
+                let tls = crate::tls::client_config(profile.ca_file.as_deref(), &[b"http/1.1"])
+                    .map_err(|source| BuildError::Tls {
+                        profile: profile.name.clone(),
+                        source,
+                    })?;
+                Some(
+                    http_client(tls, timeout).map_err(|source| BuildError::Http {
+                        profile: profile.name.clone(),
+                        source,
+                    })?,
+                )
+            }
+        };
         let mut params = vec![("grant_type".to_owned(), "client_credentials".to_owned())];
         if !profile.scopes.is_empty() {
             params.push(("scope".into(), profile.scopes.join(" ")));
@@ -91,10 +114,14 @@ impl Client {
             HeaderValue::from_static("application/x-www-form-urlencoded"),
         );
         Ok(Self {
+            profile: profile.name.clone(),
             http,
-            url: profile.token_url.clone(),
+            ca_file: profile.ca_file.clone(),
+            endpoint: profile.endpoint.clone(),
+            discovered: OnceLock::new(),
             client_id: profile.client_id.clone(),
             auth: profile.auth.clone(),
+            assertion_audience: profile.assertion_audience.clone(),
             basic_encoding: profile.basic_encoding,
             params,
             headers,
@@ -103,32 +130,115 @@ impl Client {
         })
     }
 
-    /// Makes one token request. Secrets are read now, so a rotated file is
-    /// used at once; nothing secret reaches the error.
+    /// The HTTP client for this request: the shared one, or for
+    /// tls_client_auth one built now from the certificate files.
+    fn http(&self) -> Result<reqwest::Client, FetchError> {
+        if let Some(c) = &self.http {
+            return Ok(c.clone());
+        }
+        let ClientAuth::TlsClientAuth {
+            cert_file,
+            key_file,
+        } = &self.auth
+        else {
+            unreachable!("only tls_client_auth builds its client per request");
+        };
+        let identity = crate::tls::load_identity(cert_file, key_file)
+            .map_err(|e| FetchError::Secret(format!("client certificate: {e}")))?;
+        let tls =
+            crate::tls::client_config_with(self.ca_file.as_deref(), &[b"http/1.1"], Some(identity))
+                .map_err(|e| FetchError::Secret(format!("client certificate: {e}")))?;
+        http_client(tls, self.timeout)
+            .map_err(|e| FetchError::Connect(error_chain(&e.without_url())))
+    }
+
+    /// The token endpoint: configured, or discovered from the issuer.
+    async fn token_url(&self, http: &reqwest::Client) -> Result<url::Url, FetchError> {
+        match &self.endpoint {
+            Endpoint::TokenUrl(u) => Ok(u.clone()),
+            Endpoint::Issuer(issuer) => {
+                if let Some(u) = self.discovered.get() {
+                    return Ok(u.clone());
+                }
+                let url = discover(http, issuer).await?;
+                tracing::info!(profile = %self.profile, token_endpoint = %url, "issuer discovery done");
+                Ok(self.discovered.get_or_init(|| url).clone())
+            }
+        }
+    }
+
+    /// Makes one token request. Secrets and keys are read now, so rotated
+    /// files are used at once; nothing secret reaches the error.
     pub async fn fetch(&self) -> Result<Parsed, FetchError> {
-        let mut request = self
-            .http
-            .post(self.url.clone())
-            .headers(self.headers.clone());
+        let http = self.http()?;
+        let url = self.token_url(&http).await?;
+        let mut request = http.post(url.clone()).headers(self.headers.clone());
         // The serializer is not Send: build the body before any await.
         let body = {
             let mut form = form_urlencoded::Serializer::new(String::new());
             form.extend_pairs(self.params.iter());
-            match &self.auth {
+            let secret_error = |e: crate::secret::Error| FetchError::Secret(e.to_string());
+            let audience = self.assertion_audience.as_deref().unwrap_or(url.as_str());
+            let assertion = match &self.auth {
                 ClientAuth::SecretBasic(source) => {
-                    let secret = source
-                        .read()
-                        .map_err(|e| FetchError::Secret(e.to_string()))?;
+                    let secret = source.read().map_err(secret_error)?;
                     let value = basic_auth(&self.client_id, secret.expose(), self.basic_encoding);
                     request = request.header(AUTHORIZATION, value);
+                    None
                 }
                 ClientAuth::SecretPost(source) => {
-                    let secret = source
-                        .read()
-                        .map_err(|e| FetchError::Secret(e.to_string()))?;
+                    let secret = source.read().map_err(secret_error)?;
                     form.append_pair("client_id", &self.client_id);
                     form.append_pair("client_secret", secret.expose());
+                    None
                 }
+                ClientAuth::SecretJwt {
+                    secret,
+                    alg,
+                    key_id,
+                } => {
+                    let secret = secret.read().map_err(secret_error)?;
+                    Some(
+                        assertion::client_assertion(
+                            &self.client_id,
+                            audience,
+                            Signer::Secret(&secret),
+                            *alg,
+                            key_id.as_deref(),
+                        )
+                        .map_err(|e| FetchError::Secret(e.to_string()))?,
+                    )
+                }
+                ClientAuth::PrivateKeyJwt {
+                    key_file,
+                    alg,
+                    key_id,
+                } => {
+                    let key_error =
+                        |e: assertion::KeyError| FetchError::Secret(format!("private key: {e}"));
+                    let key = SigningKey::load(key_file).map_err(key_error)?;
+                    let alg = key.alg(*alg).map_err(key_error)?;
+                    Some(
+                        assertion::client_assertion(
+                            &self.client_id,
+                            audience,
+                            Signer::Key(&key),
+                            alg,
+                            key_id.as_deref(),
+                        )
+                        .map_err(key_error)?,
+                    )
+                }
+                ClientAuth::ClientAssertion(source) => Some(source.read().map_err(secret_error)?),
+                ClientAuth::TlsClientAuth { .. } => {
+                    form.append_pair("client_id", &self.client_id);
+                    None
+                }
+            };
+            if let Some(assertion) = assertion {
+                form.append_pair("client_id", &self.client_id);
+                form.append_pair("client_assertion_type", assertion::JWT_BEARER);
+                form.append_pair("client_assertion", assertion.expose());
             }
             form.finish()
         };
@@ -168,6 +278,76 @@ impl Client {
             FetchError::Connect(error_chain(&e.without_url()))
         }
     }
+}
+
+/// The metadata URLs to try for `issuer`: RFC 8414 first (the well-known
+/// segment goes between host and path), then OpenID Connect Discovery.
+pub fn discovery_urls(issuer: &url::Url) -> Vec<url::Url> {
+    let path = issuer.path().trim_end_matches('/');
+    let mut rfc8414 = issuer.clone();
+    rfc8414.set_path(&format!("/.well-known/oauth-authorization-server{path}"));
+    let mut oidc = issuer.clone();
+    oidc.set_path(&format!("{path}/.well-known/openid-configuration"));
+    for u in [&mut rfc8414, &mut oidc] {
+        u.set_query(None);
+        u.set_fragment(None);
+    }
+    vec![rfc8414, oidc]
+}
+
+/// Finds the token endpoint of `issuer`. The document's `issuer` must be
+/// the configured one (RFC 8414 §3.3), and its token endpoint https.
+async fn discover(http: &reqwest::Client, issuer: &url::Url) -> Result<url::Url, FetchError> {
+    let mut tried = Vec::new();
+    for url in discovery_urls(issuer) {
+        let response = match http
+            .get(url.clone())
+            .header(ACCEPT, "application/json")
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tried.push(format!("{}: {}", url.path(), error_chain(&e.without_url())));
+                continue;
+            }
+        };
+        let status = response.status();
+        let body = match read_bounded(response, MAX_BODY).await {
+            Ok(b) => b,
+            Err(_) => {
+                tried.push(format!("{}: unreadable body", url.path()));
+                continue;
+            }
+        };
+        if !status.is_success() {
+            tried.push(format!("{}: HTTP {}", url.path(), status.as_u16()));
+            continue;
+        }
+        let doc: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|_| FetchError::Discovery(format!("{} is not JSON", url.path())))?;
+        let found = doc.get("issuer").and_then(|v| v.as_str()).unwrap_or("");
+        if found.trim_end_matches('/') != issuer.as_str().trim_end_matches('/') {
+            return Err(FetchError::Discovery(format!(
+                "{} names issuer {:?}, not the configured one",
+                url.path(),
+                found.chars().take(200).collect::<String>()
+            )));
+        }
+        let endpoint = doc
+            .get("token_endpoint")
+            .and_then(|v| v.as_str())
+            .and_then(|s| url::Url::parse(s).ok())
+            .filter(|u| u.scheme() == "https")
+            .ok_or_else(|| {
+                FetchError::Discovery(format!("{} has no https token_endpoint", url.path()))
+            })?;
+        return Ok(endpoint);
+    }
+    Err(FetchError::Discovery(format!(
+        "no metadata found ({})",
+        tried.join("; ")
+    )))
 }
 
 /// `Basic base64(id:secret)`, with id and secret form-url-encoded first
@@ -245,6 +425,30 @@ mod tests {
         let v = basic_auth("my client", "a:b+c%d/e&f g", BasicEncoding::Form);
         assert!(v.is_sensitive());
         assert_eq!(decode(&v), "my+client:a%3Ab%2Bc%25d%2Fe%26f+g");
+    }
+
+    #[test]
+    fn discovery_urls_follow_rfc8414_then_oidc() {
+        let urls = |i: &str| -> Vec<String> {
+            discovery_urls(&url::Url::parse(i).unwrap())
+                .into_iter()
+                .map(|u| u.to_string())
+                .collect()
+        };
+        assert_eq!(
+            urls("https://idp.test"),
+            vec![
+                "https://idp.test/.well-known/oauth-authorization-server",
+                "https://idp.test/.well-known/openid-configuration"
+            ]
+        );
+        assert_eq!(
+            urls("https://idp.test/realms/x/"),
+            vec![
+                "https://idp.test/.well-known/oauth-authorization-server/realms/x",
+                "https://idp.test/realms/x/.well-known/openid-configuration"
+            ]
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!   path reads lock-free through `arc-swap`;
 //! - [`refresh`] is the per-profile background task and its pure policy.
 
+pub mod assertion;
 pub mod client;
 pub mod refresh;
 pub mod response;

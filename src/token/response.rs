@@ -38,6 +38,8 @@ pub enum FetchError {
     },
     #[error("invalid token response: {0}")]
     InvalidResponse(String),
+    #[error("issuer discovery failed: {0}")]
+    Discovery(String),
 }
 
 fn describe(error: &Option<String>, description: &Option<String>) -> String {
@@ -57,6 +59,7 @@ impl FetchError {
             FetchError::Timeout(_) => "timeout",
             FetchError::Connect(_) => "connect",
             FetchError::InvalidResponse(_) => "invalid_response",
+            FetchError::Discovery(_) => "discovery",
             FetchError::Rejected { error, .. } => match error.as_deref() {
                 Some("invalid_request") => "invalid_request",
                 Some("invalid_client") => "invalid_client",
