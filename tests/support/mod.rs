@@ -68,6 +68,16 @@ impl Pki {
         Arc::new(config)
     }
 
+    /// A leaf certificate and its PKCS#8 key, both PEM, for `names`.
+    pub fn leaf_pem(&self, names: &[&str]) -> (String, String) {
+        let params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
     pub fn write_ca(&self, dir: &std::path::Path) -> std::path::PathBuf {
         let path = dir.join("ca.pem");
         std::fs::write(&path, &self.ca_pem).unwrap();
