@@ -777,3 +777,30 @@ async fn unreachable_token_endpoint_is_not_named_to_the_app() {
     );
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn failed_issuer_discovery_is_a_503_and_retried() {
+    // The fake endpoint answers discovery with a token body: no matching
+    // issuer, so discovery must fail (and never use that endpoint).
+    let w = World::new(Mode::Issue(60.0)).await;
+    let text = w.config("", "").replace(
+        &format!("token_url = \"{}\"", w.tokens.url()),
+        &format!("issuer = \"https://localhost:{}\"", w.tokens.addr.port()),
+    );
+    let app = w.start(&text).await;
+    w.tokens
+        .state
+        .wait_for_requests(3, Duration::from_secs(5))
+        .await;
+    let r = proxied_client(app.proxy_addr())
+        .get("http://api.test/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body = body_text(r).await;
+    assert!(body.contains("issuer discovery failed"), "{body}");
+    assert!(body.contains("not the configured one"), "{body}");
+    assert!(w.upstream.seen().is_empty());
+    app.shutdown().await;
+}
