@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
@@ -56,7 +57,8 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => {
             init_tracing();
-            let config = match token_injector::config::load(&config) {
+            let path = config;
+            let config = match token_injector::config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     for line in e.lines() {
@@ -72,14 +74,14 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime.block_on(run(config))
+            runtime.block_on(run(config, path))
         }
     }
 }
 
-async fn run(config: token_injector::config::Config) -> ExitCode {
+async fn run(config: token_injector::config::Config, path: PathBuf) -> ExitCode {
     // Handlers first: a signal during start-up must drain, not kill.
-    let stop = match shutdown_signal() {
+    let mut signals = match Signals::install() {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("cannot install signal handlers: {e}");
@@ -87,15 +89,39 @@ async fn run(config: token_injector::config::Config) -> ExitCode {
         }
     };
     let running = match token_injector::start(config).await {
-        Ok(r) => r,
+        Ok(r) => Arc::new(r),
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    stop.await;
+    let (hup_tx, hup_rx) = tokio::sync::mpsc::channel(1);
+    let watcher = match token_injector::reload::spawn(Arc::clone(&running), path, hup_rx) {
+        Ok(task) => Some(task),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
+            None
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = signals.hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the config");
+                let _ = hup_tx.try_send(());
+            }
+            _ = signals.term.recv() => { tracing::info!("SIGTERM received"); break }
+            _ = signals.int.recv() => { tracing::info!("SIGINT received"); break }
+        }
+    }
     tracing::info!("shutting down: draining in-flight requests");
-    running.shutdown().await;
+    if let Some(w) = watcher {
+        w.abort();
+        let _ = w.await;
+    }
+    match Arc::try_unwrap(running) {
+        Ok(r) => r.shutdown().await,
+        Err(_) => tracing::warn!("a reload was still running; stopping without draining"),
+    }
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
@@ -128,15 +154,20 @@ fn init_tracing() {
     }
 }
 
-/// Registers SIGTERM and SIGINT now; the future resolves on either.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-    })
+/// SIGTERM and SIGINT stop; SIGHUP reloads. Registered before start-up.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
 }

@@ -122,6 +122,9 @@ fn run_stops_cleanly_on_sigterm() {
 [proxy]
 listen = "127.0.0.1:0"
 
+[admin]
+listen = "127.0.0.1:0"
+
 [profiles.p]
 token_url = "https://127.0.0.1:1/token"
 client_id = "p"

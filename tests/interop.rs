@@ -340,7 +340,8 @@ async fn every_auth_method_against_oidc_provider() {
         ),
         ("discovered", &by_issuer, "basic", "client_secret_file = \"basic-secret\"".into()),
     ];
-    let mut text = "[proxy]\nlisten = \"127.0.0.1:0\"\n".to_owned();
+    let mut text =
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n".to_owned();
     for (name, endpoint, client_id, auth) in &cases {
         text.push_str(&profile(name, endpoint, client_id, auth, upstream));
     }
@@ -367,7 +368,7 @@ async fn discovery_falls_back_to_openid_configuration() {
     let upstream = jwt_upstream(&pki, keys, issuer.clone()).await.port();
     std::fs::write(dir.path().join("basic-secret"), "basic-secret\n").unwrap();
     let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\n{}",
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
         profile(
             "oidc",
             &format!("issuer = \"{issuer}\""),
@@ -392,7 +393,7 @@ async fn wrong_secret_is_reported_with_the_servers_reason() {
     let provider = start_provider(dir.path(), false);
     std::fs::write(dir.path().join("bad-secret"), "not-the-secret\n").unwrap();
     let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\n{}",
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
         profile(
             "bad",
             &format!("token_url = \"{}/token\"", provider.issuer),

@@ -34,7 +34,7 @@ const ENV_SECTIONS: &[&str] = &["proxy", "admin", "tokens", "upstream", "profile
 const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// The validated configuration. Built only by [`load`] or [`from_text`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub proxy: Proxy,
     pub admin: Admin,
@@ -44,7 +44,7 @@ pub struct Config {
     pub routes: Vec<Route>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Proxy {
     pub listen: SocketAddr,
     pub unmatched: Unmatched,
@@ -59,14 +59,14 @@ pub enum Unmatched {
     Passthrough,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Admin {
     pub listen: SocketAddr,
     pub allow_remote: bool,
 }
 
 /// Token lifetime and renewal policy, shared by all profiles.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Tokens {
     pub request_timeout: Duration,
     pub default_lifetime: Duration,
@@ -78,7 +78,7 @@ pub struct Tokens {
     pub unauthorized_refresh_interval: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
@@ -87,7 +87,7 @@ pub struct Upstream {
     pub replay_buffer: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Profile {
     pub name: String,
     pub endpoint: Endpoint,
@@ -105,7 +105,7 @@ pub struct Profile {
 }
 
 /// Where the token endpoint is.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Endpoint {
     TokenUrl(url::Url),
     /// Found through RFC 8414, then OpenID discovery, at the first fetch.
@@ -122,7 +122,7 @@ pub const METHODS: [&str; 5] = [
 ];
 
 /// How the client proves itself at the token endpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ClientAuth {
     /// HTTP Basic with the form-url-encoded id and secret (RFC 6749 §2.3.1).
     SecretBasic(secret::Source),
@@ -170,7 +170,7 @@ pub enum BasicEncoding {
     Raw,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub host: Pattern,
     /// The `host` value as written, used as the metrics label.
@@ -183,7 +183,7 @@ pub struct Route {
 }
 
 /// Where a route's requests go.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum UpstreamTarget {
     /// `https://authority/base_path` from `upstream` (or `https://<host>`).
     Fixed {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod headers;
 pub mod upstream;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body as _, Incoming};
 
 use crate::config::{Unmatched, UpstreamTarget};
+use crate::metrics::RouteMetrics;
 use crate::route;
 use crate::token::{self, store::Invalidated};
 pub use error::{ERROR_HEADER, Error, Kind};
@@ -29,12 +31,13 @@ use upstream::HttpsClient;
 pub type Body = Either<Incoming, Full<Bytes>>;
 
 /// Which listener a request came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     /// The `HTTP_PROXY` listener: route by the request's target host.
     Forward,
-    /// A route's dedicated listener: the route is fixed.
-    Route(usize),
+    /// A route's dedicated listener, by the route's `host` value; resolved
+    /// against the current config on each request, so reloads apply.
+    Dedicated(Arc<str>),
 }
 
 /// One route, ready for the request path.
@@ -43,6 +46,7 @@ pub struct Route {
     target: Target,
     store: Arc<token::Store>,
     client: HttpsClient,
+    metrics: RouteMetrics,
 }
 
 enum Target {
@@ -60,6 +64,7 @@ impl Route {
         upstream: &UpstreamTarget,
         store: Arc<token::Store>,
         client: HttpsClient,
+        metrics: RouteMetrics,
     ) -> Self {
         let target = match upstream {
             UpstreamTarget::Fixed {
@@ -78,6 +83,7 @@ impl Route {
             target,
             store,
             client,
+            metrics,
         }
     }
 }
@@ -95,8 +101,12 @@ pub struct Settings {
 pub struct Proxy {
     routes: Vec<Route>,
     table: route::Table,
+    /// Route index by `host` value, for dedicated listeners.
+    dedicated: HashMap<Arc<str>, usize>,
     settings: Settings,
     passthrough: HttpsClient,
+    /// Requests that matched no route (label "-").
+    unrouted: RouteMetrics,
 }
 
 impl Proxy {
@@ -105,26 +115,41 @@ impl Proxy {
         table: route::Table,
         settings: Settings,
         passthrough: HttpsClient,
+        unrouted: RouteMetrics,
     ) -> Self {
+        let dedicated = routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (Arc::from(r.label.as_str()), i))
+            .collect();
         Self {
             routes,
             table,
+            dedicated,
             settings,
             passthrough,
+            unrouted,
         }
     }
 
     /// Handles one request; every failure becomes a response here.
-    pub async fn handle(&self, entry: Entry, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, entry: &Entry, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let (route, response) = match self.route_and_forward(entry, req).await {
             Ok((route, r)) => (route, r),
             Err((route, e)) => (route, e.into_response()),
         };
+        let elapsed = started.elapsed();
+        let status = response.status().as_u16();
+        let route = route.map(|i| &self.routes[i]);
+        route
+            .map(|r| &r.metrics)
+            .unwrap_or(&self.unrouted)
+            .observe(status, elapsed.as_secs_f64());
         tracing::debug!(
-            route = route.map(|i| self.routes[i].label.as_str()).unwrap_or("-"),
-            status = response.status().as_u16(),
-            duration_us = started.elapsed().as_micros() as u64,
+            route = route.map(|r| r.label.as_str()).unwrap_or("-"),
+            status,
+            duration_us = elapsed.as_micros() as u64,
             "request"
         );
         response
@@ -132,7 +157,7 @@ impl Proxy {
 
     async fn route_and_forward(
         &self,
-        entry: Entry,
+        entry: &Entry,
         req: Request<Incoming>,
     ) -> Result<(Option<usize>, Response<Body>), (Option<usize>, Error)> {
         if req.method() == Method::CONNECT {
@@ -145,7 +170,15 @@ impl Proxy {
             ));
         }
         let index = match entry {
-            Entry::Route(i) => i,
+            Entry::Dedicated(label) => *self.dedicated.get(label).ok_or_else(|| {
+                (
+                    None,
+                    Error::new(
+                        Kind::NoRoute,
+                        "this listener's route was removed by a reload",
+                    ),
+                )
+            })?,
             Entry::Forward => {
                 let (host, port) = target_host(&req).map_err(|e| (None, e))?;
                 match self.table.lookup(host, port) {
@@ -206,7 +239,9 @@ impl Proxy {
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = parts.headers;
 
-        let response = self.send(&route.client, request).await?;
+        let response = self
+            .send(&route.client, request, Some(&route.metrics))
+            .await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(finish(response));
         }
@@ -230,13 +265,18 @@ impl Proxy {
         *retry.version_mut() = Version::HTTP_11;
         *retry.headers_mut() = headers;
         drop(response);
-        Ok(finish(self.send(&route.client, retry).await?))
+        route.metrics.unauthorized_retry();
+        Ok(finish(
+            self.send(&route.client, retry, Some(&route.metrics))
+                .await?,
+        ))
     }
 
     async fn send(
         &self,
         client: &HttpsClient,
         request: Request<Body>,
+        metrics: Option<&RouteMetrics>,
     ) -> Result<Response<Incoming>, Error> {
         // A cheap clone (shared bytes), to name the upstream in an error.
         let uri = request.uri().clone();
@@ -248,15 +288,29 @@ impl Proxy {
         };
         match tokio::time::timeout(self.settings.response_timeout, client.request(request)).await {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(upstream_error(&describe(), &e)),
-            Err(_) => Err(Error::new(
-                Kind::UpstreamTimeout,
-                format!(
-                    "{} did not answer within {:?}",
-                    describe(),
-                    self.settings.response_timeout
-                ),
-            )),
+            Ok(Err(e)) => {
+                if let Some(m) = metrics {
+                    m.upstream_error(if e.is_connect() {
+                        "connect"
+                    } else {
+                        "protocol"
+                    });
+                }
+                Err(upstream_error(&describe(), &e))
+            }
+            Err(_) => Err({
+                if let Some(m) = metrics {
+                    m.upstream_error("timeout");
+                }
+                Error::new(
+                    Kind::UpstreamTimeout,
+                    format!(
+                        "{} did not answer within {:?}",
+                        describe(),
+                        self.settings.response_timeout
+                    ),
+                )
+            }),
         }
     }
 
@@ -281,7 +335,7 @@ impl Proxy {
         headers::strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
         let request = Request::from_parts(parts, Either::Left(body));
-        let response = self.send(&self.passthrough, request).await?;
+        let response = self.send(&self.passthrough, request, None).await?;
         Ok(finish(response))
     }
 }

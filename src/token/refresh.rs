@@ -99,7 +99,12 @@ impl Policy {
 }
 
 /// Runs the refresh loop for one profile until the task is aborted.
-pub async fn run(store: Arc<Store>, client: Arc<Client>, policy: Policy) {
+pub async fn run(
+    store: Arc<Store>,
+    client: Arc<Client>,
+    policy: Policy,
+    metrics: crate::metrics::ProfileMetrics,
+) {
     let mut failures: u32 = 0;
     loop {
         store.begin_fetch();
@@ -139,6 +144,12 @@ pub async fn run(store: Arc<Store>, client: Arc<Client>, policy: Policy) {
                     result = "success",
                     "token fetched"
                 );
+                let expires_unix = token
+                    .expires_unix()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                metrics.fetched(elapsed.as_secs_f64(), expires_unix);
                 store.publish(Arc::new(token));
                 next
             }
@@ -159,6 +170,7 @@ pub async fn run(store: Arc<Store>, client: Arc<Client>, policy: Policy) {
                     error = %error,
                     "token fetch failed"
                 );
+                metrics.failed(elapsed.as_secs_f64(), error.reason(), failures);
                 store.fail(&error);
                 Instant::now() + delay
             }

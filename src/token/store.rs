@@ -45,6 +45,8 @@ pub struct Store {
     /// Milliseconds since `epoch` of the last 401-driven invalidation + 1.
     last_invalidation_ms: AtomicU64,
     unauthorized_interval: Duration,
+    /// Counts requests that waited for a fetch already in flight.
+    coalesced: Option<prometheus::IntCounter>,
 }
 
 impl std::fmt::Debug for Store {
@@ -71,7 +73,14 @@ impl Store {
             epoch: Instant::now(),
             last_invalidation_ms: AtomicU64::new(0),
             unauthorized_interval,
+            coalesced: None,
         }
+    }
+
+    /// Counts requests that share an in-flight fetch on `counter`.
+    pub fn with_coalesced_counter(mut self, counter: prometheus::IntCounter) -> Self {
+        self.coalesced = Some(counter);
+        self
     }
 
     pub fn profile(&self) -> &Arc<str> {
@@ -105,6 +114,8 @@ impl Store {
                 return Err(self.unavailable());
             }
             self.wake.notify_one();
+        } else if let Some(c) = &self.coalesced {
+            c.inc();
         }
         match tokio::time::timeout(wait, rx.changed()).await {
             Ok(_) => self.current().ok_or_else(|| self.unavailable()),

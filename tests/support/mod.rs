@@ -505,6 +505,9 @@ impl World {
 listen = "127.0.0.1:0"
 drain_timeout = "5s"
 
+[admin]
+listen = "127.0.0.1:0"
+
 [tokens]
 request_timeout = "2s"
 retry_initial = "50ms"
