@@ -69,8 +69,20 @@ enum ListenerKey {
     Dedicated(String, SocketAddr),
 }
 
+impl ListenerKey {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            ListenerKey::Forward(a) | ListenerKey::Dedicated(_, a) => *a,
+        }
+    }
+}
+
 struct ListenerRuntime {
     bound: SocketAddr,
+    /// A duplicate of the listening socket, so that a reload which gives
+    /// this address another role hands the socket over instead of binding
+    /// the address a second time.
+    socket: std::net::TcpListener,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -222,12 +234,24 @@ impl State {
 
         let mut bound = Vec::new();
         for (key, name) in Self::listener_keys(config) {
-            if !self.listeners.contains_key(&key) {
-                let addr = match &key {
-                    ListenerKey::Forward(a) | ListenerKey::Dedicated(_, a) => *a,
-                };
-                bound.push((key, bind(name, addr)?));
+            if self.listeners.contains_key(&key) {
+                continue;
             }
+            let addr = key.addr();
+            // The same fixed address in another role (a renamed route, ports
+            // swapped): take over the open socket; binding again would fail.
+            let held = (addr.port() != 0)
+                .then(|| self.listeners.iter().find(|(k, _)| k.addr() == addr))
+                .flatten();
+            let socket = match held {
+                Some((_, l)) => l.socket.try_clone().map_err(|source| StartError::Bind {
+                    key: name,
+                    addr,
+                    source,
+                })?,
+                None => bind(name, addr)?,
+            };
+            bound.push((key, socket));
         }
         Ok(Prepared {
             policy,
@@ -349,14 +373,30 @@ impl Running {
             .filter(|k| !wanted.contains(k))
             .cloned()
             .collect();
+        state.draining.retain(|t| !t.is_finished());
         for key in stale {
             if let Some(l) = state.listeners.remove(&key) {
-                tracing::info!(addr = %l.bound, "closing listener removed from the config");
+                let handed_over = prepared
+                    .bind
+                    .iter()
+                    .any(|(k, _)| k.addr() == key.addr() && key.addr().port() != 0);
+                if handed_over {
+                    tracing::info!(addr = %l.bound, "listener takes a new role from the config");
+                } else {
+                    tracing::info!(addr = %l.bound, "closing listener removed from the config");
+                }
                 let _ = l.stop.send(true);
                 state.draining.push(l.task);
             }
         }
         for (key, std_listener) in prepared.bind {
+            let socket = match std_listener.try_clone() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot register listener");
+                    continue;
+                }
+            };
             let listener = match TcpListener::from_std(std_listener) {
                 Ok(l) => l,
                 Err(e) => {
@@ -382,9 +422,15 @@ impl Running {
                 config.proxy.drain_timeout,
                 self.metrics.proxy.open_connections.clone(),
             ));
-            state
-                .listeners
-                .insert(key, ListenerRuntime { bound, stop, task });
+            state.listeners.insert(
+                key,
+                ListenerRuntime {
+                    bound,
+                    socket,
+                    stop,
+                    task,
+                },
+            );
         }
         if let Some(old) = &state.config {
             for r in &old.routes {
@@ -404,6 +450,11 @@ impl Running {
             .find(|(k, _)| matches!(k, ListenerKey::Forward(_)))
             .map(|(_, l)| l.bound)
             .expect("the forward listener always exists")
+    }
+
+    /// The config running now.
+    pub fn config(&self) -> Option<Config> {
+        lock(&self.state).config.clone()
     }
 
     /// The bound address of the admin listener.

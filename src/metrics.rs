@@ -108,6 +108,24 @@ fn histogram_vec(
     v
 }
 
+/// Removes every series of `vec` whose label `name` has `value`, whatever
+/// its other labels (reasons, codes, kinds seen at run time).
+fn remove_series_with(vec: &IntCounterVec, name: &str, value: &str) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels: std::collections::HashMap<&str, &str> = metric
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if labels.get(name) == Some(&value) {
+                let _ = vec.remove(&labels);
+            }
+        }
+    }
+}
+
 /// Token source metrics, labelled by profile.
 pub struct TokenMetrics {
     fetch_total: IntCounterVec,
@@ -193,6 +211,7 @@ impl TokenMetrics {
         let _ = self.expiry.remove_label_values(&[profile]);
         let _ = self.consecutive_failures.remove_label_values(&[profile]);
         let _ = self.coalesced.remove_label_values(&[profile]);
+        remove_series_with(&self.fetch_errors, "profile", profile);
     }
 }
 
@@ -297,11 +316,9 @@ impl ProxyMetrics {
     pub fn forget(&self, label: &str) {
         let _ = self.duration.remove_label_values(&[label]);
         let _ = self.unauthorized_retries.remove_label_values(&[label]);
-        for code in COMMON_CODES {
-            let _ = self
-                .requests
-                .remove_label_values(&[label, &code.to_string()]);
-        }
+        // Every code, not only the common ones, and every error kind.
+        remove_series_with(&self.requests, "route", label);
+        remove_series_with(&self.upstream_errors, "route", label);
     }
 }
 
@@ -402,6 +419,25 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want}\n{text}");
         }
+    }
+
+    #[test]
+    fn forget_drops_every_series_of_a_route_or_profile() {
+        let m = Metrics::new();
+        let p = m.tokens.profile("gone");
+        p.failed(0.1, "connect", 1);
+        m.tokens.profile("kept").failed(0.1, "connect", 1);
+        let r = m.proxy.route("gone.test");
+        r.observe(418, 0.001);
+        r.observe(200, 0.001);
+        r.upstream_error("connect");
+        m.proxy.route("kept.test").upstream_error("connect");
+        m.tokens.forget("gone");
+        m.proxy.forget("gone.test");
+        let text = m.render();
+        assert!(!text.contains("gone"), "{text}");
+        assert!(text.contains("profile=\"kept\""), "{text}");
+        assert!(text.contains("route=\"kept.test\""), "{text}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
@@ -57,9 +58,13 @@ pub fn spawn(
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_owned();
+    let name = path.file_name().map(|n| n.to_owned());
     let (tx, mut rx) = mpsc::channel::<()>(16);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Opening or reading a file is no change, and the check below reads
+        // the config itself: counting those would wake this task forever.
+        // Other files in the directory (secrets, logs) are not the config.
+        if event.is_ok_and(|e| !is_read_only(&e.kind) && concerns(&e.paths, name.as_deref())) {
             let _ = tx.try_send(());
         }
     })?;
@@ -67,6 +72,11 @@ pub fn spawn(
     let mut last = std::fs::read(&path).ok();
     Ok(tokio::spawn(async move {
         let _watcher = watcher;
+        // `running` was started from an earlier read of the file: a change
+        // made before the watch began would go unseen until the next one.
+        if last.is_some() && crate::config::load(&path).ok() != running.config() {
+            reload(&running, &path);
+        }
         loop {
             let forced = tokio::select! {
                 e = rx.recv() => { if e.is_none() { break } false }
@@ -82,4 +92,48 @@ pub fn spawn(
             }
         }
     }))
+}
+
+/// Whether an event is about the config file, under its own name (written
+/// in place, or renamed over by an editor) or through a Kubernetes ConfigMap's
+/// `..data` symlink swap (entries named `..*`). An event without paths
+/// counts, to be safe.
+fn concerns(paths: &[PathBuf], name: Option<&std::ffi::OsStr>) -> bool {
+    paths.is_empty()
+        || paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| Some(n) == name || n.as_encoded_bytes().starts_with(b".."))
+        })
+}
+
+/// Events that leave every file as it was: opens, reads, and closes
+/// without writing (a close after writing is kept).
+fn is_read_only(kind: &EventKind) -> bool {
+    matches!(kind, EventKind::Access(a) if *a != AccessKind::Close(AccessMode::Write))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn only_the_config_and_configmap_entries_concern_the_watch() {
+        let name = Some(OsStr::new("config.toml"));
+        let p = |s: &str| vec![PathBuf::from(s)];
+        assert!(concerns(&p("/etc/ti/config.toml"), name));
+        assert!(concerns(&p("/etc/ti/..data"), name));
+        assert!(concerns(&p("/etc/ti/..data_tmp"), name));
+        assert!(concerns(&[], name));
+        assert!(concerns(
+            &[
+                PathBuf::from("/etc/ti/x.tmp"),
+                PathBuf::from("/etc/ti/config.toml")
+            ],
+            name
+        ));
+        assert!(!concerns(&p("/etc/ti/client-secret"), name));
+        assert!(!concerns(&p("/etc/ti/proxy.log"), name));
+        assert!(!concerns(&p("/etc/ti/config.toml.tmp"), name));
+    }
 }
