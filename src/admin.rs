@@ -27,6 +27,9 @@ use crate::token::Store;
 #[derive(Default)]
 pub struct Status {
     stores: ArcSwap<Vec<Arc<Store>>>,
+    /// False until the first config's stores are set: the admin listener
+    /// is up before them, and "no profiles yet" must not read as ready.
+    configured: AtomicBool,
     latched: AtomicBool,
 }
 
@@ -34,6 +37,7 @@ impl Status {
     /// The profiles in use now (after start or a reload).
     pub fn set_stores(&self, stores: Vec<Arc<Store>>) {
         self.stores.store(Arc::new(stores));
+        self.configured.store(true, Ordering::Release);
     }
 
     /// True once every profile in use has held a valid token, and from then
@@ -41,6 +45,9 @@ impl Status {
     pub fn ready(&self) -> bool {
         if self.latched.load(Ordering::Acquire) {
             return true;
+        }
+        if !self.configured.load(Ordering::Acquire) {
+            return false;
         }
         let all = self.stores.load().iter().all(|s| s.ever_valid());
         if all {
@@ -167,4 +174,23 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
         http::HeaderValue::from_static(content_type),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_ready_before_the_first_config_nor_while_a_profile_is_pending() {
+        let status = Status::default();
+        assert!(!status.ready(), "no stores set yet is not ready");
+        let store = Arc::new(Store::new("billing", Duration::from_secs(1)));
+        status.set_stores(vec![Arc::clone(&store)]);
+        assert!(!status.ready(), "a profile without a token is not ready");
+        let json: serde_json::Value = serde_json::from_str(&status.json()).unwrap();
+        assert_eq!(json["profiles"]["billing"]["state"], "pending");
+        let empty = Status::default();
+        empty.set_stores(Vec::new());
+        assert!(empty.ready(), "a config without profiles in use is ready");
+    }
 }

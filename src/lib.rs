@@ -166,6 +166,7 @@ impl State {
         let policy = token::Policy::try_new(&config.tokens).map_err(StartError::Policy)?;
         let mut start = Vec::new();
         let mut stores = BTreeMap::new();
+        let mut token_http = token::client::HttpClients::new(config.tokens.request_timeout);
         for profile in config.profiles_in_use() {
             let kept = self
                 .profiles
@@ -183,7 +184,7 @@ impl State {
                     );
                     let client = Arc::new(token::Client::new(
                         profile,
-                        config.tokens.request_timeout,
+                        &mut token_http,
                         policy.default_lifetime(),
                     )?);
                     start.push((profile.clone(), Arc::clone(&store), client));

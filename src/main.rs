@@ -127,13 +127,23 @@ async fn run(config: token_injector::config::Config, path: PathBuf) -> ExitCode 
 }
 
 fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Some(n) = std::env::var("TOKEN_INJECTOR_WORKERS")
+    let workers = std::env::var("TOKEN_INJECTOR_WORKERS")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| *n > 0)
-    {
+        .filter(|n| *n > 0);
+    // One worker: a single-threaded scheduler, which skips the work-stealing
+    // machinery (the usual sidecar setting).
+    let mut builder = if workers == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all();
+    // The blocking pool runs upstream DNS lookups (one per new connection)
+    // and little else; tokio's default of 512 threads let a burst of new
+    // connections start hundreds of threads, each with its own malloc arena.
+    builder.max_blocking_threads(8);
+    if let Some(n) = workers.filter(|n| *n > 1) {
         builder.worker_threads(n);
     }
     builder.build()

@@ -1,6 +1,7 @@
 //! The token request of one profile: client credentials grant, with the
 //! profile's client authentication, over its own TLS trust.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -71,27 +72,53 @@ fn http_client(
         .build()
 }
 
+/// Token endpoint clients shared by the profiles that trust the same CA
+/// file: one connection pool and TLS setup for many profiles, instead of
+/// one each (which cost ~60 KiB per profile with thousands of profiles).
+pub struct HttpClients {
+    timeout: Duration,
+    clients: HashMap<Option<PathBuf>, reqwest::Client>,
+}
+
+impl HttpClients {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            clients: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, profile: &Profile) -> Result<reqwest::Client, BuildError> {
+        if let Some(c) = self.clients.get(&profile.ca_file) {
+            return Ok(c.clone());
+        }
+        let tls = crate::tls::client_config(profile.ca_file.as_deref(), &[b"http/1.1"]).map_err(
+            |source| BuildError::Tls {
+                profile: profile.name.clone(),
+                source,
+            },
+        )?;
+        let client = http_client(tls, self.timeout).map_err(|source| BuildError::Http {
+            profile: profile.name.clone(),
+            source,
+        })?;
+        self.clients.insert(profile.ca_file.clone(), client.clone());
+        Ok(client)
+    }
+}
+
 impl Client {
+    /// The token client of `profile`; its HTTP client comes from `clients`
+    /// (shared per CA file), except for tls_client_auth.
     pub fn new(
         profile: &Profile,
-        timeout: Duration,
+        clients: &mut HttpClients,
         default_lifetime: Duration,
     ) -> Result<Self, BuildError> {
+        let timeout = clients.timeout;
         let http = match profile.auth {
             ClientAuth::TlsClientAuth { .. } => None,
-            _ => {
-                let tls = crate::tls::client_config(profile.ca_file.as_deref(), &[b"http/1.1"])
-                    .map_err(|source| BuildError::Tls {
-                        profile: profile.name.clone(),
-                        source,
-                    })?;
-                Some(
-                    http_client(tls, timeout).map_err(|source| BuildError::Http {
-                        profile: profile.name.clone(),
-                        source,
-                    })?,
-                )
-            }
+            _ => Some(clients.get(profile)?),
         };
         let mut params = vec![("grant_type".to_owned(), "client_credentials".to_owned())];
         if !profile.scopes.is_empty() {

@@ -1,0 +1,727 @@
+#!/usr/bin/env bash
+# token-injector side by side with nginx and haproxy. See bench/README.md.
+#
+#   bash bench/run.sh            compare: 3 subjects + direct, 2 shapes, 2 bodies, 16/128 connections
+#   bash bench/run.sh scale      1 / 100 / 10,000 routes and profiles; 16 -> 1,024 connections
+#   QUICK=1 bash bench/run.sh    smoke test: 2 s runs, 1 round
+#
+# Everything runs on 127.0.0.1 from a temporary directory; every process this
+# script starts is stopped when it exits. Results go to bench/results/<timestamp>/.
+set -euo pipefail
+
+usage() {
+    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    cat <<'EOF'
+
+Environment (defaults in brackets):
+  DURATION      seconds per measured run [10; QUICK: 2]
+  WARMUP        seconds of unmeasured load before each run, same connections [2; QUICK: 1]
+  ROUNDS        rounds; subjects are interleaved within each round [3; QUICK: 1]
+  CONNS         connection counts of the compare mode ["16 128"]
+  BODIES        response bodies ["1k 64k"]
+  SHAPES        request shapes ["origin absolute"]
+  SUBJECTS      ["token-injector nginx haproxy direct"]
+  SCALE_COUNTS  route/profile counts of the scale mode ["1 100 10000"]
+  SCALE_CONNS   connections for the route-count runs [128]
+  SWEEP_CONNS   connection counts of the scale mode ["16 64 256 1024"; QUICK: "16 1024"]
+  PROXY_CPU     CPU of the subject [1]     LOAD_CPU  CPU of wrk and the upstream [0]
+  BUSY          1: an idle-priority busy loop per CPU during measured runs [1]
+  PORT_BASE     first port used on 127.0.0.1 [18400]
+  UPSTREAM_HOST host in token-injector's route upstream URL: localhost or 127.0.0.1 [localhost]
+  TI_BIN        use this token-injector binary instead of building one
+  KEEP_TMP      1: keep the temporary directory (configs, logs) [0]
+EOF
+}
+
+MODE=${1:-compare}
+case $MODE in
+    compare | scale) ;;
+    -h | --help | help) usage; exit 0 ;;
+    *) usage >&2; exit 2 ;;
+esac
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$BENCH_DIR/.." && pwd)
+
+QUICK=${QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+    DURATION=${DURATION:-2}; WARMUP=${WARMUP:-1}; ROUNDS=${ROUNDS:-1}
+    SWEEP_CONNS=${SWEEP_CONNS:-"16 1024"}
+else
+    DURATION=${DURATION:-10}; WARMUP=${WARMUP:-2}; ROUNDS=${ROUNDS:-3}
+    SWEEP_CONNS=${SWEEP_CONNS:-"16 64 256 1024"}
+fi
+CONNS=${CONNS:-"16 128"}
+BODIES=${BODIES:-"1k 64k"}
+SHAPES=${SHAPES:-"origin absolute"}
+SUBJECTS=${SUBJECTS:-"token-injector nginx haproxy direct"}
+SCALE_COUNTS=${SCALE_COUNTS:-"1 100 10000"}
+SCALE_CONNS=${SCALE_CONNS:-128}
+PROXY_CPU=${PROXY_CPU:-1}
+LOAD_CPU=${LOAD_CPU:-0}
+BUSY=${BUSY:-1}
+PORT_BASE=${PORT_BASE:-18400}
+KEEP_TMP=${KEEP_TMP:-0}
+UPSTREAM_HOST=${UPSTREAM_HOST:-localhost}
+
+UPSTREAM_PORT=$((PORT_BASE + 43))
+TOKEN_PORT=$((PORT_BASE + 44))
+COLD_TOKEN_PORT=$((PORT_BASE + 45))
+TI_PROXY_PORT=$((PORT_BASE + 10))
+TI_ROUTE_PORT=$((PORT_BASE + 11))
+TI_ADMIN_PORT=$((PORT_BASE + 19))
+NGINX_PORT=$((PORT_BASE + 20))
+HAPROXY_PORT=$((PORT_BASE + 30))
+COLD_PROXY_PORT=$((PORT_BASE + 50))
+COLD_ROUTE_PORT=$((PORT_BASE + 51))
+COLD_ADMIN_PORT=$((PORT_BASE + 59))
+SCALE_PORT_BASE=$((PORT_BASE + 100)) # scale instance i: +10*i (+0 proxy, +1 route, +9 admin)
+
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS=$ROOT/bench/results/$STAMP-$MODE
+CLK_TCK=$(getconf CLK_TCK)
+
+exec 3>&2 # the script's own stderr, for messages from any context (traps included)
+log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&3; }
+die() { log "FAILED: $*"; exit 1; }
+
+# ---------------------------------------------------------------- processes
+
+PIDS=()      # every background process we started, in start order
+BUSY_PIDS=()
+POLICY_CREATED=0
+TMP=
+
+track() { PIDS+=("$1"); }
+
+# Runs a long command in the background and waits for it, so that a signal to
+# this script is handled at once (bash defers traps while a foreground command
+# runs) and cleanup can stop the command too.
+FG_PID=
+run_waiting() { # output-file|- command...
+    local rc=0 out=$1
+    shift
+    if [[ $out == - ]]; then "$@" & else "$@" >"$out" 2>&1 & fi
+    FG_PID=$!
+    wait "$FG_PID" || rc=$?
+    FG_PID=
+    return "$rc"
+}
+
+untrack() { # pid: forget a process that has been stopped (its pid may be reused)
+    local keep=() p
+    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+stop_pid() { # pid...: SIGTERM, up to 5 s, then SIGKILL
+    local pid alive i
+    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for ((i = 0; i < 50; i++)); do
+        alive=0
+        for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.1
+    done
+    for pid in "$@"; do kill -KILL "$pid" 2>/dev/null || true; done
+    for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [[ -n $FG_PID ]]; then stop_pid "$FG_PID"; fi
+    if ((${#BUSY_PIDS[@]})); then stop_pid "${BUSY_PIDS[@]}"; fi
+    local rev=() i
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do rev+=("${PIDS[i]}"); done
+    if ((${#rev[@]})); then stop_pid "${rev[@]}"; fi
+    ((POLICY_CREATED)) && rm -f /usr/sbin/policy-rc.d
+    if [[ -n $TMP && -d $TMP ]]; then
+        if [[ $KEEP_TMP == 1 || $rc != 0 ]]; then
+            log "temporary files kept in $TMP"
+        else
+            rm -rf "$TMP"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ------------------------------------------------------------------- set-up
+
+ensure_packages() {
+    local missing=()
+    command -v nginx >/dev/null || missing+=(nginx)
+    command -v haproxy >/dev/null || missing+=(haproxy)
+    command -v wrk >/dev/null || missing+=(wrk)
+    command -v openssl >/dev/null || missing+=(openssl)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v python3 >/dev/null || missing+=(python3)
+    if ((${#missing[@]})); then
+        log "installing ${missing[*]}"
+        # Keep the packages' maintainer scripts from starting the Debian
+        # services (nginx would bind :80): policy-rc.d exit 101 = "not now".
+        if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+            printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+            chmod +x /usr/sbin/policy-rc.d
+            POLICY_CREATED=1
+        fi
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        if ((POLICY_CREATED)); then rm -f /usr/sbin/policy-rc.d; POLICY_CREATED=0; fi
+    fi
+    # Should a Debian service be running anyway (a machine with an init
+    # system and no policy-rc.d), stop it: it must not share the CPUs.
+    local svc
+    for svc in nginx haproxy; do
+        if [[ -s /run/$svc.pid ]] && kill -0 "$(cat /run/$svc.pid)" 2>/dev/null; then
+            log "stopping the Debian $svc service"
+            service "$svc" stop >/dev/null 2>&1 || true
+        fi
+    done
+}
+
+check_ports() {
+    local p
+    for p in "$@"; do
+        if [[ -n $(ss -Htln "sport = :$p" 2>/dev/null) ]]; then
+            die "port $p on this machine is in use; set PORT_BASE to move the bench's ports"
+        fi
+    done
+}
+
+build() {
+    if [[ -n ${TI_BIN:-} ]]; then
+        [[ -x $TI_BIN ]] || die "TI_BIN=$TI_BIN is not an executable"
+        log "using TI_BIN=$TI_BIN"
+        return
+    fi
+    log "building token-injector (cargo build --release --locked)"
+    run_waiting - bash -c 'cd "$1" && exec cargo build --release --locked --quiet' _ "$ROOT" || die "cargo build"
+    TI_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/token-injector
+    [[ -x $TI_BIN ]] || die "no binary at $TI_BIN"
+}
+
+make_fixtures() {
+    TMP=$(mktemp -d /tmp/token-injector-bench.XXXXXX)
+    mkdir -p "$TMP/www" "$TMP/nginx-tmp" "$TMP/logs"
+    log "temporary directory $TMP"
+    (
+        cd "$TMP"
+        # A CA and a server certificate for localhost / 127.0.0.1 (test fixture only).
+        cat >ca.cnf <<'EOF'
+[req]
+distinguished_name = dn
+prompt = no
+x509_extensions = v3_ca
+[dn]
+CN = token-injector bench CA
+[v3_ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+EOF
+        cat >server.ext <<'EOF'
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost, IP:127.0.0.1
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+EOF
+        openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+            -keyout ca.key -out ca.pem -days 30 -config ca.cnf 2>/dev/null
+        openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+            -keyout server.key -out server.csr -subj /CN=localhost 2>/dev/null
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+            -days 30 -extfile server.ext -out server.pem 2>/dev/null
+        # Fixed bodies.
+        openssl rand -base64 2048 | tr -d '\n' | head -c 1024 >www/1k
+        openssl rand -base64 $((64 * 1024)) | tr -d '\n' | head -c $((64 * 1024)) >www/64k
+        echo "bench-client-secret" >client-secret
+    ) || die "making certificates and bodies"
+    # A ~900-byte opaque access token (base64url characters, not a JWT).
+    TOKEN=$(openssl rand -base64 800 | tr -d '\n=' | tr '+/' '-_' | head -c 900)
+    [[ ${#TOKEN} == 900 ]] || die "token generation"
+    : >"$TMP/token.log"
+    : >"$TMP/upstream-conn.log"
+}
+
+render() { # template output
+    sed -e "s|@TMP@|$TMP|g" -e "s|@TOKEN@|$TOKEN|g" \
+        -e "s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" -e "s|@UPSTREAM_HOST@|$UPSTREAM_HOST|g" -e "s|@TOKEN_PORT@|$TOKEN_PORT|g" \
+        -e "s|@NGINX_PORT@|$NGINX_PORT|g" -e "s|@HAPROXY_PORT@|$HAPROXY_PORT|g" \
+        -e "s|@TI_PROXY_PORT@|$TI_PROXY_PORT|g" -e "s|@TI_ROUTE_PORT@|$TI_ROUTE_PORT|g" \
+        -e "s|@TI_ADMIN_PORT@|$TI_ADMIN_PORT|g" -e "s|@USER@|$(id -un)|g" \
+        "$1" >"$2"
+    if grep -q '@[A-Z_]*@' "$2"; then die "unfilled placeholder in $2"; fi
+}
+
+wait_until() { # seconds description command...
+    local secs=$1 what=$2 i
+    shift 2
+    for ((i = 0; i < secs * 20; i++)); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.05
+    done
+    die "$what: not ready after ${secs}s"
+}
+
+http_code() { # curl args... -> status code on stdout
+    curl -s -o /dev/null -w '%{http_code}' --max-time 10 "$@" || true
+}
+
+expect_code() { # expected description curl-args...
+    local want=$1 what=$2 got
+    shift 2
+    got=$(http_code "$@")
+    [[ $got == "$want" ]] || die "$what: HTTP $got, expected $want"
+}
+
+start_upstream() {
+    render "$BENCH_DIR/conf/upstream-nginx.conf" "$TMP/upstream.conf"
+    taskset -c "$LOAD_CPU" nginx -e "$TMP/upstream-error.log" -c "$TMP/upstream.conf" \
+        -g 'daemon off;' >"$TMP/logs/upstream.out" 2>&1 &
+    track $!
+    wait_until 10 "upstream nginx" curl -sf --cacert "$TMP/ca.pem" \
+        -H "Authorization: Bearer $TOKEN" "https://localhost:$UPSTREAM_PORT/1k"
+    # The correctness guard: without the exact token the upstream says 401.
+    expect_code 401 "upstream without a token" --cacert "$TMP/ca.pem" "https://localhost:$UPSTREAM_PORT/1k"
+    expect_code 401 "upstream with a wrong token" --cacert "$TMP/ca.pem" \
+        -H "Authorization: Bearer x$TOKEN" "https://localhost:$UPSTREAM_PORT/1k"
+    expect_code 200 "token endpoint" --cacert "$TMP/ca.pem" -d grant_type=client_credentials \
+        "https://localhost:$TOKEN_PORT/token"
+    : >"$TMP/token.log"
+    : >"$TMP/upstream-conn.log"
+    log "upstream nginx https://localhost:$UPSTREAM_PORT, token endpoint https://localhost:$TOKEN_PORT/token (CPU $LOAD_CPU)"
+}
+
+# Subjects. For each: SUBJ_PIDS[name] = processes whose CPU time is counted,
+# SUBJ_MAIN[name] = the serving process (RSS, threads), SUBJ_ORIGIN[name] and
+# SUBJ_PROXY[name] = where wrk sends origin-form and absolute-form requests.
+declare -A SUBJ_PIDS SUBJ_MAIN SUBJ_ORIGIN SUBJ_PROXY SUBJ_IDLE_RSS SUBJ_IDLE_THREADS SUBJ_READY_S
+
+# Ready = /readyz lists every expected profile, each with a valid token. (Not
+# just HTTP 200: a /readyz answered while the profiles are still being set up
+# can latch 200 early; see bench/README.md.)
+wait_ti_ready() { # admin-port profiles timeout-s
+    python3 - "$@" <<'EOF'
+import json, sys, time, urllib.error, urllib.request
+port, want, timeout = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+deadline, last = time.monotonic() + timeout, "no answer"
+while time.monotonic() < deadline:
+    try:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
+                d = json.load(r)
+        except urllib.error.HTTPError as e:  # 503 while not ready, with the same body
+            d = json.load(e)
+        states = [p["state"] for p in d["profiles"].values()]
+        last = f"ready={d['ready']}, {len(states)} profiles listed, {states.count('valid')} valid"
+        if len(states) == want and all(s == "valid" for s in states):
+            sys.exit(0)
+    except (OSError, ValueError) as e:
+        last = str(e)
+    time.sleep(0.05 if want < 1000 else 0.5)
+sys.exit(f"not ready after {timeout:.0f} s: {last}")
+EOF
+}
+
+start_token_injector() { # name config route-port proxy-port admin-port profiles [ready-timeout-s]
+    local name=$1 cfg=$2 rport=$3 pport=$4 aport=$5 nprof=$6 timeout=${7:-30} pid t0
+    t0=$(date +%s.%N)
+    TOKEN_INJECTOR_WORKERS=1 RUST_LOG=warn taskset -c "$PROXY_CPU" \
+        "$TI_BIN" run --config "$cfg" >"$TMP/logs/$name.log" 2>&1 &
+    pid=$!
+    track "$pid"
+    wait_ti_ready "$aport" "$nprof" "$timeout" || die "$name: not ready (see $TMP/logs/$name.log)"
+    SUBJ_READY_S[$name]=$(python3 -c "import sys; print(round($(date +%s.%N) - $t0, 3))")
+    SUBJ_PIDS[$name]=$pid
+    SUBJ_MAIN[$name]=$pid
+    SUBJ_ORIGIN[$name]=http://127.0.0.1:$rport
+    SUBJ_PROXY[$name]=http://127.0.0.1:$pport
+}
+
+start_nginx_subject() {
+    local master worker
+    render "$BENCH_DIR/conf/nginx-proxy.conf" "$TMP/nginx-proxy.conf"
+    taskset -c "$PROXY_CPU" nginx -e "$TMP/nginx-proxy-error.log" -c "$TMP/nginx-proxy.conf" \
+        -g 'daemon off;' >"$TMP/logs/nginx.out" 2>&1 &
+    master=$!
+    track "$master"
+    wait_until 10 "nginx subject" curl -sf "http://127.0.0.1:$NGINX_PORT/1k"
+    worker=$(pgrep -P "$master" | head -n1)
+    [[ -n $worker ]] || die "nginx subject: no worker process"
+    SUBJ_PIDS[nginx]="$master $worker"
+    SUBJ_MAIN[nginx]=$worker
+    SUBJ_ORIGIN[nginx]=http://127.0.0.1:$NGINX_PORT
+    SUBJ_PROXY[nginx]=http://127.0.0.1:$NGINX_PORT
+}
+
+start_haproxy_subject() {
+    local pid
+    render "$BENCH_DIR/conf/haproxy.cfg" "$TMP/haproxy.cfg"
+    haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy config check"
+    taskset -c "$PROXY_CPU" haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/logs/haproxy.out" 2>&1 &
+    pid=$!
+    track "$pid"
+    wait_until 10 "haproxy subject" curl -sf "http://127.0.0.1:$HAPROXY_PORT/1k"
+    SUBJ_PIDS[haproxy]=$pid
+    SUBJ_MAIN[haproxy]=$pid
+    SUBJ_ORIGIN[haproxy]=http://127.0.0.1:$HAPROXY_PORT
+    SUBJ_PROXY[haproxy]=http://127.0.0.1:$HAPROXY_PORT
+}
+
+start_subject() { # name
+    case $1 in
+        token-injector)
+            render "$BENCH_DIR/conf/token-injector.toml" "$TMP/token-injector.toml"
+            "$TI_BIN" check --config "$TMP/token-injector.toml" >/dev/null || die "token-injector check"
+            start_token_injector token-injector "$TMP/token-injector.toml" \
+                "$TI_ROUTE_PORT" "$TI_PROXY_PORT" "$TI_ADMIN_PORT" 1
+            ;;
+        nginx) start_nginx_subject ;;
+        haproxy) start_haproxy_subject ;;
+        direct) return ;;
+        *) die "unknown subject $1" ;;
+    esac
+    verify_subject "$1"
+    record_idle "$1"
+}
+
+# Both request shapes must give 200 and the whole body: the upstream answers
+# 401 unless the subject sent the exact token.
+verify_subject() { # name
+    local name=$1 body
+    for body in $BODIES; do
+        expect_code 200 "$name origin-form /$body" "${SUBJ_ORIGIN[$name]}/$body"
+        expect_code 200 "$name absolute-form /$body" -x "${SUBJ_PROXY[$name]}" "http://api.bench/$body"
+        local got want
+        got=$(curl -s --max-time 10 -x "${SUBJ_PROXY[$name]}" "http://api.bench/$body" | wc -c)
+        want=$(wc -c <"$TMP/www/$body")
+        [[ $got == "$want" ]] || die "$name /$body: $got bytes, expected $want"
+    done
+    log "$name: origin-form ${SUBJ_ORIGIN[$name]} and absolute-form via ${SUBJ_PROXY[$name]} answer 200 with the token"
+}
+
+status_kib() { # pid field -> kB value of a /proc/PID/status line
+    awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0
+}
+
+threads_of() { # pid
+    local t=(/proc/"$1"/task/*)
+    echo "${#t[@]}"
+}
+
+cpu_ticks() { # pid... -> utime+stime summed, in clock ticks
+    local pid stat rest f total=0
+    for pid in "$@"; do
+        stat=$(<"/proc/$pid/stat") || die "process $pid is gone"
+        rest=${stat##*) }
+        read -ra f <<<"$rest"
+        total=$((total + f[11] + f[12]))
+    done
+    echo "$total"
+}
+
+reset_hwm() { # pid: VmHWM := VmRSS ("echo 5 > clear_refs", Linux >= 4.0)
+    echo 5 >"/proc/$1/clear_refs" 2>/dev/null
+}
+
+record_idle() { # name: RSS and threads after start-up, before any load
+    local name=$1 main=${SUBJ_MAIN[$1]}
+    sleep 1
+    SUBJ_IDLE_RSS[$name]=$(status_kib "$main" VmRSS)
+    SUBJ_IDLE_THREADS[$name]=$(threads_of "$main")
+    log "$name: idle RSS $((SUBJ_IDLE_RSS[$name] / 1024)) MiB (${SUBJ_IDLE_RSS[$name]} kB), ${SUBJ_IDLE_THREADS[$name]} threads (pid $main)"
+}
+
+start_busy() {
+    ((BUSY)) || return 0
+    local cpu sched=()
+    command -v chrt >/dev/null && sched=(chrt -i 0)
+    for cpu in $LOAD_CPU $PROXY_CPU; do
+        nice -n 19 "${sched[@]}" taskset -c "$cpu" bash -c 'while :; do :; done' &
+        BUSY_PIDS+=($!)
+    done
+    log "idle-priority busy loops on CPUs $LOAD_CPU and $PROXY_CPU (pids ${BUSY_PIDS[*]})"
+}
+
+stop_busy() {
+    if ((${#BUSY_PIDS[@]})); then stop_pid "${BUSY_PIDS[@]}"; fi
+    BUSY_PIDS=()
+}
+
+lines() { wc -l <"$1"; }
+
+pool_conns() { # pid -> established TCP connections from that process to the upstream
+    ss -Htnp state established "( dport = :$UPSTREAM_PORT )" 2>/dev/null | grep -c "pid=$1," || true
+}
+
+# ------------------------------------------------------------------ measure
+
+RAW=
+
+run_wrk() { # seconds conns url shape body auth -> wrk output in $TMP/wrk.out
+    local secs=$1 conns=$2 url=$3 shape=$4 body=$5 auth=$6 abs=''
+    [[ $shape == absolute ]] && abs=api.bench
+    BENCH_PATH=/$body BENCH_ABSOLUTE=$abs BENCH_AUTH=$auth \
+        run_waiting "$TMP/wrk.out" taskset -c "$LOAD_CPU" wrk -t1 -c "$conns" -d "${secs}s" \
+        --timeout 10s -s "$BENCH_DIR/wrk.lua" "$url/"
+}
+
+# One measured run of one subject: warm-up, then DURATION seconds of load.
+measure() { # mode round shape body conns subject [label]
+    local mode=$1 round=$2 shape=$3 body=$4 conns=$5 subject=$6 label=${7:-$6}
+    local url auth='' pids=() main=''
+    if [[ $subject == direct ]]; then
+        url=https://localhost:$UPSTREAM_PORT
+        auth="Bearer $TOKEN"
+    else
+        if [[ $shape == absolute ]]; then url=${SUBJ_PROXY[$label]}; else url=${SUBJ_ORIGIN[$label]}; fi
+        read -ra pids <<<"${SUBJ_PIDS[$label]}"
+        main=${SUBJ_MAIN[$label]}
+    fi
+
+    local warm_conn0 warm_new=0
+    warm_conn0=$(lines "$TMP/upstream-conn.log")
+    local pool_before=null pool_after=null
+    [[ -n $main ]] && pool_before=$(pool_conns "$main")
+    if ((WARMUP > 0)); then
+        run_wrk "$WARMUP" "$conns" "$url" "$shape" "$body" "$auth" || die "wrk warm-up: $(<"$TMP/wrk.out")"
+        warm_new=$(($(lines "$TMP/upstream-conn.log") - warm_conn0))
+    fi
+
+    local hwm_reset=false cpu0=0 cpu1=0 tok0 tok1 conn0 conn1 out json
+    if [[ -n $main ]] && reset_hwm "$main"; then hwm_reset=true; fi
+    tok0=$(lines "$TMP/token.log")
+    conn0=$(lines "$TMP/upstream-conn.log")
+    ((${#pids[@]})) && cpu0=$(cpu_ticks "${pids[@]}")
+    run_wrk "$DURATION" "$conns" "$url" "$shape" "$body" "$auth" || die "wrk: $(<"$TMP/wrk.out")"
+    out=$(<"$TMP/wrk.out")
+    ((${#pids[@]})) && cpu1=$(cpu_ticks "${pids[@]}")
+    conn1=$(lines "$TMP/upstream-conn.log")
+    tok1=$(lines "$TMP/token.log")
+    json=$(sed -n 's/^BENCHJSON //p' <<<"$out")
+    # Protocol and cipher of the upstream connections opened in warm-up and run.
+    local tls
+    tls=$(tail -n +$((warm_conn0 + 1)) "$TMP/upstream-conn.log" | awk '
+        { n[$2 "/" $3]++ }
+        END { s = ""; for (k in n) { s = s (s == "" ? "" : ",") "\"" k "\":" n[k] }; print "{" s "}" }')
+    [[ -n $json ]] || die "no BENCHJSON line from wrk: $out"
+
+    local hwm=null rss=null threads=null idle_rss=null idle_threads=null
+    if [[ -n $main ]]; then
+        pool_after=$(pool_conns "$main")
+        hwm=$(status_kib "$main" VmHWM)
+        rss=$(status_kib "$main" VmRSS)
+        threads=$(threads_of "$main")
+        idle_rss=${SUBJ_IDLE_RSS[$label]:-null}
+        idle_threads=${SUBJ_IDLE_THREADS[$label]:-null}
+    fi
+    printf '{"mode":"%s","round":%d,"shape":"%s","body":"%s","conns":%d,"subject":"%s","label":"%s","duration_s":%d,"cpu_ticks":%d,"clk_tck":%d,"peak_rss_kib":%s,"rss_after_kib":%s,"hwm_reset":%s,"idle_rss_kib":%s,"threads_idle":%s,"threads_after":%s,"new_upstream_conns":%d,"warmup_new_upstream_conns":%d,"token_requests":%d,"pool_before":%s,"pool_after":%s,"upstream_tls":%s,"wrk":%s}\n' \
+        "$mode" "$round" "$shape" "$body" "$conns" "$subject" "$label" "$DURATION" \
+        $((cpu1 - cpu0)) "$CLK_TCK" "$hwm" "$rss" "$hwm_reset" "$idle_rss" "$idle_threads" \
+        "$threads" $((conn1 - conn0)) "$warm_new" $((tok1 - tok0)) "$pool_before" "$pool_after" "$tls" "$json" >>"$RAW"
+    python3 "$BENCH_DIR/report.py" --line "$(tail -n1 "$RAW")" >&2
+}
+
+rotate() { # round words... -> the words rotated left by (round-1)
+    local r=$1
+    shift
+    local a=("$@") n=$# i
+    for ((i = 0; i < n; i++)); do printf '%s ' "${a[$(((i + r - 1) % n))]}"; done
+}
+
+cold_burst() {
+    local cfg=$TMP/cold.toml
+    render "$BENCH_DIR/conf/token-injector.toml" "$TMP/token-injector.toml"
+    sed -e "s|$TOKEN_PORT/token|$COLD_TOKEN_PORT/token|" \
+        -e "s|127.0.0.1:$TI_PROXY_PORT|127.0.0.1:$COLD_PROXY_PORT|" \
+        -e "s|127.0.0.1:$TI_ROUTE_PORT|127.0.0.1:$COLD_ROUTE_PORT|" \
+        -e "s|127.0.0.1:$TI_ADMIN_PORT|127.0.0.1:$COLD_ADMIN_PORT|" \
+        "$TMP/token-injector.toml" >"$cfg"
+    log "cold burst: 500 requests at a fresh token-injector whose token endpoint answers after 1 s"
+    local out
+    python3 "$BENCH_DIR/coldburst.py" --token-port "$COLD_TOKEN_PORT" --route-port "$COLD_ROUTE_PORT" \
+        --admin-port "$COLD_ADMIN_PORT" --cert "$TMP/server.pem" --key "$TMP/server.key" \
+        --token "$TOKEN" --delay 1 --n 500 --log "$TMP/logs/cold.log" -- \
+        env TOKEN_INJECTOR_WORKERS=1 RUST_LOG=warn taskset -c "$PROXY_CPU" \
+        "$TI_BIN" run --config "$cfg" >"$TMP/cold.json" &
+    local pid=$!
+    track "$pid"
+    wait "$pid" || die "cold burst check (see $TMP/logs/cold.log)"
+    untrack "$pid"
+    out=$(<"$TMP/cold.json")
+    log "cold burst: $out"
+    cp "$TMP/cold.json" "$RESULTS/cold_burst.json"
+}
+
+write_meta() {
+    local subj extra=
+    {
+        printf '{"mode":"%s","stamp":"%s","quick":%s,"duration_s":%d,"warmup_s":%d,"rounds":%d,' \
+            "$MODE" "$STAMP" "$QUICK" "$DURATION" "$WARMUP" "$ROUNDS"
+        printf '"proxy_cpu":%d,"load_cpu":%d,"busy_loops":%d,"token_bytes":%d,' \
+            "$PROXY_CPU" "$LOAD_CPU" "$BUSY" "${#TOKEN}"
+        printf '"git":"%s","ti_bin":"%s","kernel":"%s","cpu":"%s",' \
+            "$(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo unknown)" "$TI_BIN" \
+            "$(uname -r)" "$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
+        printf '"versions":{"nginx":"%s","haproxy":"%s","wrk":"%s","token_injector":"%s"},' \
+            "$(nginx -v 2>&1 | sed 's/.*nginx\///')" "$(haproxy -v | awk 'NR==1 {print $3}')" \
+            "$(wrk -v 2>&1 | awk 'NR==1 {print $2}')" "$("$TI_BIN" --version | awk '{print $NF}')"
+        printf '"subjects":{'
+        for subj in "${!SUBJ_MAIN[@]}"; do
+            printf '%s"%s":{"pids":"%s","idle_rss_kib":%s,"threads_idle":%s,"ready_s":%s}' "$extra" \
+                "$subj" "${SUBJ_PIDS[$subj]}" "${SUBJ_IDLE_RSS[$subj]:-null}" \
+                "${SUBJ_IDLE_THREADS[$subj]:-null}" "${SUBJ_READY_S[$subj]:-null}"
+            extra=,
+        done
+        printf '}}\n'
+    } >"$RESULTS/meta.json"
+}
+
+# -------------------------------------------------------------------- modes
+
+mode_compare() {
+    local subj round shape body conns startup_tokens
+    cold_burst
+    for subj in $SUBJECTS; do start_subject "$subj"; done
+    startup_tokens=$(lines "$TMP/token.log")
+    log "token requests at start-up: $startup_tokens (token-injector fetches its one profile's token)"
+    echo "$startup_tokens" >"$RESULTS/startup_token_requests"
+    write_meta
+    start_busy
+    local runs=0 total
+    total=$((ROUNDS * $(wc -w <<<"$SHAPES") * $(wc -w <<<"$BODIES") * $(wc -w <<<"$CONNS") * $(wc -w <<<"$SUBJECTS")))
+    log "$total runs of ${WARMUP}+${DURATION} s"
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for shape in $SHAPES; do
+            for body in $BODIES; do
+                for conns in $CONNS; do
+                    # Rotate the order each round: A B C D, B C D A, ...
+                    for subj in $(rotate "$round" $SUBJECTS); do
+                        runs=$((runs + 1))
+                        log "[$runs/$total] round $round $shape /$body c=$conns $subj"
+                        measure compare "$round" "$shape" "$body" "$conns" "$subj"
+                    done
+                done
+            done
+        done
+    done
+    stop_busy
+}
+
+mode_scale() {
+    local n i=0 label round subj conns variant
+    local instances=()
+    render "$BENCH_DIR/conf/token-injector.toml" "$TMP/token-injector.toml"
+    # 1. Many routes / profiles: one instance per configuration, all idle but
+    #    the one under load.
+    for n in $SCALE_COUNTS; do
+        for variant in routes profiles; do
+            ((n == 1)) && [[ $variant == profiles ]] && continue # same as routes-1
+            label=$variant-$n
+            ((n == 1)) && label=routes-1
+            local base=$((SCALE_PORT_BASE + 10 * i))
+            i=$((i + 1))
+            check_ports "$base" $((base + 1)) $((base + 9))
+            local args=(--routes "$n" --proxy-port "$base" --route-port $((base + 1))
+                --admin-port $((base + 9)) --token-port "$TOKEN_PORT" --upstream-port "$UPSTREAM_PORT")
+            [[ $variant == profiles ]] && args+=(--own-profiles)
+            python3 "$BENCH_DIR/scale_config.py" "${args[@]}" --upstream-host "$UPSTREAM_HOST" >"$TMP/$label.toml"
+            "$TI_BIN" check --config "$TMP/$label.toml" >/dev/null || die "token-injector check $label"
+            local tok0
+            tok0=$(lines "$TMP/token.log")
+            log "$label: starting ($n routes, $([[ $variant == profiles ]] && echo "$n" || echo 1) profiles)"
+            local nprof=1
+            [[ $variant == profiles ]] && nprof=$n
+            start_token_injector "$label" "$TMP/$label.toml" $((base + 1)) "$base" $((base + 9)) "$nprof" 600
+            verify_subject "$label"
+            record_idle "$label"
+            log "$label: ready after ${SUBJ_READY_S[$label]} s, $(($(lines "$TMP/token.log") - tok0)) token requests"
+            instances+=("$label")
+        done
+    done
+    write_meta
+    start_busy
+    local runs=0 total shape
+    total=$((ROUNDS * ${#instances[@]} * 2))
+    log "route-count runs: $total runs of ${WARMUP}+${DURATION} s at $SCALE_CONNS connections"
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for shape in absolute origin; do
+            for label in $(rotate "$round" "${instances[@]}"); do
+                runs=$((runs + 1))
+                log "[$runs/$total] round $round $shape /1k c=$SCALE_CONNS $label"
+                measure routes "$round" "$shape" 1k "$SCALE_CONNS" token-injector "$label"
+            done
+        done
+    done
+    stop_busy
+    for label in "${instances[@]}"; do
+        stop_pid "${SUBJ_PIDS[$label]}"
+        untrack "${SUBJ_PIDS[$label]}"
+    done
+
+    # 2. Connections 16 -> 1,024, all subjects.
+    local subjects=()
+    for subj in $SUBJECTS; do
+        start_subject "$subj"
+        subjects+=("$subj")
+    done
+    write_meta
+    start_busy
+    runs=0
+    total=$((ROUNDS * $(wc -w <<<"$SWEEP_CONNS") * ${#subjects[@]}))
+    log "connection sweep: $total runs of ${WARMUP}+${DURATION} s"
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for conns in $SWEEP_CONNS; do
+            for subj in $(rotate "$round" "${subjects[@]}"); do
+                runs=$((runs + 1))
+                log "[$runs/$total] round $round origin /1k c=$conns $subj"
+                measure conns "$round" origin 1k "$conns" "$subj"
+            done
+        done
+    done
+    stop_busy
+}
+
+validate_settings() {
+    local v b
+    for v in DURATION WARMUP ROUNDS SCALE_CONNS PROXY_CPU LOAD_CPU PORT_BASE; do
+        [[ ${!v} =~ ^[0-9]+$ ]] || die "$v=${!v}: expected a whole number"
+    done
+    ((DURATION > 0 && ROUNDS > 0)) || die "DURATION and ROUNDS must be at least 1"
+    for b in $BODIES; do [[ $b == 1k || $b == 64k ]] || die "BODIES: unknown body $b (1k, 64k)"; done
+    for b in $SHAPES; do [[ $b == origin || $b == absolute ]] || die "SHAPES: unknown shape $b"; done
+    for b in $SUBJECTS; do
+        [[ $b =~ ^(token-injector|nginx|haproxy|direct)$ ]] || die "SUBJECTS: unknown subject $b"
+    done
+    for b in $CONNS $SWEEP_CONNS $SCALE_COUNTS; do
+        [[ $b =~ ^[0-9]+$ && $b -gt 0 ]] || die "not a positive count: $b"
+    done
+    [[ -n $CONNS && -n $BODIES && -n $SHAPES && -n $SUBJECTS ]] || die "empty CONNS, BODIES, SHAPES or SUBJECTS"
+    ((PROXY_CPU != LOAD_CPU)) || die "PROXY_CPU and LOAD_CPU must differ"
+}
+
+main() {
+    validate_settings
+    ensure_packages
+    ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+    check_ports "$UPSTREAM_PORT" "$TOKEN_PORT" "$COLD_TOKEN_PORT" "$TI_PROXY_PORT" "$TI_ROUTE_PORT" \
+        "$TI_ADMIN_PORT" "$NGINX_PORT" "$HAPROXY_PORT" "$COLD_PROXY_PORT" "$COLD_ROUTE_PORT" "$COLD_ADMIN_PORT"
+    build
+    make_fixtures
+    mkdir -p "$RESULTS"
+    RAW=$RESULTS/runs.jsonl
+    : >"$RAW"
+    start_upstream
+    "mode_$MODE"
+    log "token requests during measured runs: $(python3 -c "import json,sys; print(sum(json.loads(l)['token_requests'] for l in open(sys.argv[1])))" "$RAW")"
+    python3 "$BENCH_DIR/report.py" "$RESULTS" | tee "$RESULTS/table.txt"
+    log "results in ${RESULTS#"$ROOT"/}"
+}
+
+main
