@@ -109,6 +109,8 @@ struct State {
 /// background tasks.
 pub struct Running {
     proxy: Arc<ArcSwap<proxy::Proxy>>,
+    /// Client-connection limits and count, shared by all proxy listeners.
+    connections: Arc<serve::Connections>,
     metrics: Arc<Metrics>,
     status: Arc<admin::Status>,
     state: Mutex<State>,
@@ -293,8 +295,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Arc::clone(&status),
         admin_rx,
     ));
+    let connections = Arc::new(serve::Connections::new(
+        serve::Limits::new(&config),
+        metrics.proxy.open_connections.clone(),
+        metrics.proxy.refused_connections.clone(),
+    ));
     let running = Running {
         proxy: Arc::new(ArcSwap::from_pointee(proxy)),
+        connections,
         metrics,
         status,
         state: Mutex::new(state),
@@ -322,6 +330,8 @@ impl Running {
     }
 
     fn commit(&self, config: Config, prepared: Prepared) {
+        // At start and at every reload: secret files others may read.
+        secret::warn_exposed_files(&config);
         let mut state = lock(&self.state);
         // Profiles no longer in use, or rebuilt: stop their refresh tasks.
         let removed: Vec<String> = state
@@ -361,6 +371,8 @@ impl Running {
         if let Some(proxy) = prepared.proxy {
             self.proxy.store(Arc::new(proxy));
         }
+        // New limits apply to connections accepted from now on.
+        self.connections.set_limits(serve::Limits::new(&config));
         self.status
             .set_stores(prepared.stores.into_values().collect());
 
@@ -421,7 +433,7 @@ impl Running {
                 entry,
                 rx,
                 config.proxy.drain_timeout,
-                self.metrics.proxy.open_connections.clone(),
+                Arc::clone(&self.connections),
             ));
             state.listeners.insert(
                 key,

@@ -1,5 +1,10 @@
 //! The binary: parse the command line, set up logging, and hand over to the
 //! library. `run` exits 64 on a bad config and 0 after a graceful shutdown.
+//!
+//! Before `run` reads any secret it turns core dumps off: a dump of this
+//! process would hold client secrets, private keys and tokens.
+//! `TOKEN_INJECTOR_ALLOW_CORE_DUMPS=1` keeps the inherited settings, for
+//! debugging a crash.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => {
             init_tracing();
+            forbid_core_dumps();
             let path = config;
             let config = match token_injector::config::load(&path) {
                 Ok(c) => c,
@@ -147,6 +153,38 @@ fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         builder.worker_threads(n);
     }
     builder.build()
+}
+
+/// Opt-out of [`forbid_core_dumps`]: `1` or `true`.
+const ALLOW_CORE_DUMPS: &str = "TOKEN_INJECTOR_ALLOW_CORE_DUMPS";
+
+/// Sets `RLIMIT_CORE` to 0 (soft and hard, so nothing in the process can
+/// raise it again) and marks the process not dumpable (`PR_SET_DUMPABLE`
+/// 0), which also covers a `core_pattern` pipe that ignores the limit and
+/// stops other processes of the same user from attaching with ptrace or
+/// reading `/proc/<pid>/environ` and `/proc/<pid>/mem`, where a secret
+/// from `client_secret_env` or a token could be read. Failure is logged,
+/// never fatal: a sandbox may forbid the calls.
+fn forbid_core_dumps() {
+    use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+    let allow =
+        std::env::var(ALLOW_CORE_DUMPS).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    if allow {
+        tracing::warn!(
+            "{ALLOW_CORE_DUMPS} is set: core dumps stay enabled and may contain secrets and tokens"
+        );
+        return;
+    }
+    let none = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
+    };
+    if let Err(e) = setrlimit(Resource::Core, none) {
+        tracing::warn!(error = %e, "cannot set RLIMIT_CORE to 0");
+    }
+    if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
+        tracing::warn!(error = %e, "cannot mark the process not dumpable");
+    }
 }
 
 fn init_tracing() {

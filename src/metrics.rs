@@ -259,6 +259,9 @@ pub struct ProxyMetrics {
     unauthorized_retries: IntCounterVec,
     upstream_errors: IntCounterVec,
     pub open_connections: IntGauge,
+    /// Client connections closed at accept because `proxy.max_connections`
+    /// were open.
+    pub refused_connections: IntCounter,
 }
 
 impl ProxyMetrics {
@@ -269,6 +272,13 @@ impl ProxyMetrics {
         )
         .expect("valid metric");
         r.register(Box::new(open_connections.clone()))
+            .expect("unique metric");
+        let refused_connections = IntCounter::new(
+            "token_injector_client_connections_refused_total",
+            "Client connections closed on accept because proxy.max_connections were open.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(refused_connections.clone()))
             .expect("unique metric");
         Self {
             requests: counter_vec(
@@ -297,6 +307,7 @@ impl ProxyMetrics {
                 &["route", "kind"],
             ),
             open_connections,
+            refused_connections,
         }
     }
 

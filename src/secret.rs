@@ -4,6 +4,10 @@
 //! memory is zeroed when dropped. A [`Source`] says where to read one; it is
 //! read again at every token request so a rotated file is picked up without
 //! a restart.
+//!
+//! [`warn_exposed_files`] looks at the permissions of every secret and key
+//! file a config names and warns, by key, path and mode, about those that
+//! group or others may read. Only metadata is read, never the content.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -13,6 +17,9 @@ use zeroize::Zeroizing;
 /// A secret value. Debug and Display print `[redacted]`.
 #[derive(Clone)]
 pub struct Secret(Zeroizing<String>);
+
+// The one field zeroizes itself when dropped (and so when a clone is).
+impl zeroize::ZeroizeOnDrop for Secret {}
 
 impl Secret {
     /// Wraps a value. Call sites should not keep another copy.
@@ -108,6 +115,80 @@ pub fn trim_one_newline(s: &str) -> &str {
         .unwrap_or(s)
 }
 
+/// A secret or key file that group or others may read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exposed {
+    /// The config key that names the file: `profiles.billing.client_secret_file`.
+    pub key: String,
+    pub path: PathBuf,
+    /// The permission bits, e.g. `0o644`.
+    pub mode: u32,
+}
+
+/// The permission bits of `path` (following symlinks, as Kubernetes mounts
+/// Secrets through them) when group or others may read it. `None` for a
+/// private file, and for one that cannot be examined: config validation
+/// reports unreadable files.
+pub fn exposed_mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o044 != 0).then_some(mode)
+}
+
+/// The secret and key files a config names, by key: client secrets, private
+/// keys, client assertions and TLS client keys. Certificates and CA files
+/// are public and not listed; secrets from the environment have no file.
+pub fn files(config: &crate::config::Config) -> Vec<(String, PathBuf)> {
+    use crate::config::ClientAuth;
+    let mut out = Vec::new();
+    for (name, profile) in &config.profiles {
+        let key = |k: &str| format!("profiles.{name}.{k}");
+        match &profile.auth {
+            ClientAuth::SecretBasic(Source::File(p))
+            | ClientAuth::SecretPost(Source::File(p))
+            | ClientAuth::SecretJwt {
+                secret: Source::File(p),
+                ..
+            } => out.push((key("client_secret_file"), p.clone())),
+            ClientAuth::PrivateKeyJwt { key_file, .. } => {
+                out.push((key("private_key_file"), key_file.clone()))
+            }
+            ClientAuth::ClientAssertion(Source::File(p)) => {
+                out.push((key("client_assertion_file"), p.clone()))
+            }
+            ClientAuth::TlsClientAuth { key_file, .. } => {
+                out.push((key("client_key_file"), key_file.clone()))
+            }
+            ClientAuth::SecretBasic(Source::Env(_))
+            | ClientAuth::SecretPost(Source::Env(_))
+            | ClientAuth::SecretJwt { .. }
+            | ClientAuth::ClientAssertion(Source::Env(_)) => {}
+        }
+    }
+    out
+}
+
+/// Logs one warning per secret or key file of `config` that group or others
+/// may read, naming the key, the path and the mode, and returns them. Called
+/// at start and at each reload; a warning, not an error, because a mounted
+/// Secret is often 0644 by default and the proxy must still start.
+pub fn warn_exposed_files(config: &crate::config::Config) -> Vec<Exposed> {
+    let mut exposed = Vec::new();
+    for (key, path) in files(config) {
+        if let Some(mode) = exposed_mode(&path) {
+            tracing::warn!(
+                key = %key,
+                path = %path.display(),
+                mode = %format_args!("{mode:04o}"),
+                "secret file is readable by group or others; restrict it to the owner \
+                 (chmod 600, or defaultMode: 0400 on a Kubernetes Secret volume)"
+            );
+            exposed.push(Exposed { key, path, mode });
+        }
+    }
+    exposed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +232,122 @@ mod tests {
         assert!(matches!(err, Error::Empty { .. }));
         let env = Source::Env("TOKEN_INJECTOR_TEST_SURELY_UNSET_VAR".into());
         assert!(matches!(env.read().unwrap_err(), Error::EnvMissing { .. }));
+    }
+
+    #[test]
+    fn secret_zeroizes_on_drop() {
+        // Secret promises ZeroizeOnDrop because its only field is a
+        // Zeroizing<String>; this fails to build if either stops holding.
+        fn zeroizes_on_drop<T: zeroize::ZeroizeOnDrop>(_: &T) {}
+        let s = Secret::new("hunter2".into());
+        zeroizes_on_drop(&s);
+        zeroizes_on_drop(&s.0);
+        // What the drop does: the bytes are overwritten before release.
+        let mut inner = s.0.clone();
+        zeroize::Zeroize::zeroize(&mut inner);
+        assert!(inner.is_empty());
+        assert_eq!(s.expose(), "hunter2");
+    }
+
+    /// A subscriber that writes formatted events into a buffer.
+    fn capture() -> (
+        impl tracing::Subscriber + Send + Sync,
+        std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    ) {
+        #[derive(Clone)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = Buf(buf.clone());
+        let sub = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        (sub, buf)
+    }
+
+    fn config_with(dir: &Path, profiles: &str) -> crate::config::Config {
+        let text = format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n{profiles}\n\
+             [[routes]]\nhost = \"a.test\"\nprofile = \"basic\"\n"
+        );
+        crate::config::from_text(&text, dir, Vec::<(String, String)>::new()).unwrap()
+    }
+
+    #[test]
+    fn group_or_world_readable_secret_files_are_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open-secret");
+        let closed = dir.path().join("closed-secret");
+        let group = dir.path().join("group-secret");
+        for (p, mode) in [(&open, 0o644), (&closed, 0o600), (&group, 0o640)] {
+            std::fs::write(p, "s3cret-value\n").unwrap();
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let config = config_with(
+            dir.path(),
+            "[profiles.basic]\ntoken_url = \"https://idp.test/t\"\nclient_id = \"c\"\n\
+             client_secret_file = \"open-secret\"\n\
+             [profiles.post]\ntoken_url = \"https://idp.test/t\"\nclient_id = \"c\"\n\
+             auth_method = \"client_secret_post\"\nclient_secret_file = \"closed-secret\"\n\
+             [profiles.jwt]\ntoken_url = \"https://idp.test/t\"\nclient_id = \"c\"\n\
+             auth_method = \"client_secret_jwt\"\nclient_secret_file = \"group-secret\"\n",
+        );
+        let (sub, buf) = capture();
+        let exposed = tracing::subscriber::with_default(sub, || warn_exposed_files(&config));
+        let keys: Vec<(&str, u32)> = exposed.iter().map(|e| (e.key.as_str(), e.mode)).collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("profiles.basic.client_secret_file", 0o644),
+                ("profiles.jwt.client_secret_file", 0o640),
+            ]
+        );
+        let log = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 2, "{log}");
+        assert!(lines[0].contains("WARN"), "{log}");
+        assert!(
+            lines[0].contains("profiles.basic.client_secret_file"),
+            "{log}"
+        );
+        assert!(lines[0].contains(&open.display().to_string()), "{log}");
+        assert!(lines[0].contains("mode=0644"), "{log}");
+        assert!(lines[1].contains("mode=0640"), "{log}");
+        assert!(!log.contains("closed-secret"), "{log}");
+        assert!(!log.contains("s3cret-value"), "{log}");
+
+        // Fixed: no warning any more.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&group, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let (sub, buf) = capture();
+        let exposed = tracing::subscriber::with_default(sub, || warn_exposed_files(&config));
+        assert!(exposed.is_empty(), "{exposed:?}");
+        assert!(buf.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn exposed_mode_follows_symlinks_and_ignores_missing_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("..data-secret");
+        std::fs::write(&target, "x").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let link = dir.path().join("secret");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert_eq!(exposed_mode(&link), Some(0o644));
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(exposed_mode(&link), None);
+        assert_eq!(exposed_mode(&dir.path().join("missing")), None);
     }
 }

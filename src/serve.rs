@@ -1,21 +1,136 @@
 //! Accept loops: one per listener, a task per connection, HTTP/1.1 and h2c
 //! on every port. On shutdown a loop stops accepting, lets its connections
 //! finish their in-flight requests within the drain bound, then returns.
+//!
+//! This module also owns the client-side limits ([`Limits`]): how many
+//! connections may be open, how long a request head may take to arrive, how
+//! long a connection may sit idle, how long a request may take until its
+//! response head, and how long a response body may stall. Each bites on one
+//! connection or request only; the others keep being served.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use prometheus::IntGauge;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use prometheus::{IntCounter, IntGauge};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+use tokio::time::{Instant, Sleep};
 
-use crate::proxy::{Entry, Proxy};
+use crate::config::Config;
+use crate::proxy::{self, Entry, Proxy};
+
+/// Client-side limits, from `[proxy]` and `upstream.body_idle_timeout`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub request_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_connections: usize,
+}
+
+impl Limits {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            header_read_timeout: config.proxy.header_read_timeout,
+            idle_timeout: config.proxy.idle_timeout,
+            request_timeout: config.proxy.request_timeout,
+            body_idle_timeout: config.upstream.body_idle_timeout,
+            max_header_bytes: config.proxy.max_header_bytes,
+            max_headers: config.proxy.max_headers,
+            max_connections: config.proxy.max_connections,
+        }
+    }
+
+    fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            // hyper's own header timer also runs while a keep-alive
+            // connection waits for its next request, so it would cut idle
+            // connections at the header bound: `Activity` keeps both apart.
+            .header_read_timeout(None)
+            // A head that does not fit the read buffer is answered 431.
+            .max_buf_size(self.max_header_bytes)
+            .max_headers(self.max_headers);
+        builder
+            .http2()
+            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
+        builder
+    }
+}
+
+/// What all proxy listeners share: the limits of the config running now
+/// and the count of open client connections.
+pub struct Connections {
+    limits: ArcSwap<Limits>,
+    open: AtomicUsize,
+    open_gauge: IntGauge,
+    refused: IntCounter,
+}
+
+impl Connections {
+    pub fn new(limits: Limits, open_gauge: IntGauge, refused: IntCounter) -> Self {
+        Self {
+            limits: ArcSwap::from_pointee(limits),
+            open: AtomicUsize::new(0),
+            open_gauge,
+            refused,
+        }
+    }
+
+    /// Applies to connections accepted from now on.
+    pub fn set_limits(&self, limits: Limits) {
+        if **self.limits.load() != limits {
+            self.limits.store(Arc::new(limits));
+        }
+    }
+
+    /// Counts a new connection, or refuses it when `max_connections` are open.
+    fn admit(self: &Arc<Self>, max: usize) -> Option<ConnectionGuard> {
+        let admitted = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if !admitted {
+            self.refused.inc();
+            return None;
+        }
+        self.open_gauge.inc();
+        Some(ConnectionGuard(Arc::clone(self)))
+    }
+}
+
+/// Counts an open client connection until dropped.
+struct ConnectionGuard(Arc<Connections>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.open_gauge.dec();
+    }
+}
 
 /// Serves `listener` until `shutdown` turns true, then drains for at most
 /// `drain` before dropping what is left.
@@ -25,15 +140,11 @@ pub async fn accept_loop(
     entry: Entry,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
-    open_connections: IntGauge,
+    connections: Arc<Connections>,
 ) {
     let entry = Arc::new(entry);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Slow clients may not hold a connection open by dribbling headers.
-        .header_read_timeout(Duration::from_secs(30));
+    let mut limits = connections.limits.load_full();
+    let mut builder = limits.builder();
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -41,23 +152,36 @@ pub async fn accept_loop(
             _ = stopped(&mut shutdown) => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
+                    let current = connections.limits.load_full();
+                    if !Arc::ptr_eq(&current, &limits) {
+                        builder = current.builder();
+                        limits = current;
+                    }
+                    // Over the limit: close at once rather than queue; the
+                    // app sees a closed connection and the refusal is counted.
+                    let Some(open) = connections.admit(limits.max_connections) else {
+                        tracing::debug!(max = limits.max_connections, "too many client connections; closing a new one");
+                        drop(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
-                    let proxy = Arc::clone(&proxy);
-                    let entry = Arc::clone(&entry);
-                    let service = service_fn(move |req| {
-                        // The config current when the request arrives; a
-                        // reload swaps it without touching this connection.
-                        let proxy = proxy.load_full();
-                        let entry = Arc::clone(&entry);
-                        async move { Ok::<_, Infallible>(proxy.handle(&entry, req).await) }
-                    });
-                    let open = ConnectionGuard::new(&open_connections);
-                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let activity = Arc::new(Activity::new());
+                    let io = TrackedIo { inner: stream, activity: Arc::clone(&activity) };
+                    let service = service(Arc::clone(&proxy), Arc::clone(&entry), Arc::clone(&activity), limits.request_timeout, limits.body_idle_timeout);
+                    let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
                     let conn = graceful.watch(conn);
+                    let (header, idle) = (limits.header_read_timeout, limits.idle_timeout);
                     tokio::spawn(async move {
                         let _open = open;
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "client connection ended with an error");
+                        tokio::select! {
+                            ended = conn => if let Err(e) = ended {
+                                tracing::debug!(error = %e, "client connection ended with an error");
+                            },
+                            why = activity.expired(header, idle) => {
+                                // Nothing is in flight: dropping the
+                                // connection loses no response.
+                                tracing::debug!(limit = why, "closing client connection");
+                            }
                         }
                     });
                 }
@@ -81,23 +205,394 @@ pub async fn accept_loop(
     }
 }
 
+type Served = Response<Tracked<proxy::Body>>;
+
+/// The per-connection service: the config current when a request arrives,
+/// bounded by `request_timeout` until its response head, with a body that
+/// keeps the connection busy until it ends.
+fn service(
+    proxy: Arc<ArcSwap<Proxy>>,
+    entry: Arc<Entry>,
+    activity: Arc<Activity>,
+    deadline: Duration,
+    body_idle: Duration,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Served,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Served, Infallible>> + Send,
+> + Clone
++ Send {
+    service_fn(move |req: Request<Incoming>| {
+        // A reload swaps the config without touching this connection.
+        let proxy = proxy.load_full();
+        let entry = Arc::clone(&entry);
+        let busy = activity.busy();
+        async move {
+            let connect = req.method() == Method::CONNECT;
+            let response = match tokio::time::timeout(deadline, proxy.handle(&entry, req)).await {
+                Ok(r) => r,
+                Err(_) => proxy::Error::new(
+                    proxy::Kind::UpstreamTimeout,
+                    format!("no response within proxy.request_timeout ({deadline:?})"),
+                )
+                .into_response(),
+            };
+            if connect && response.status().is_success() {
+                // A tunnel carries bytes past hyper: never idle, never a head.
+                busy.activity.tunnel();
+            }
+            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, busy, body_idle)))
+        }
+    })
+}
+
 /// Resolves once `shutdown` is true (or its sender is gone).
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// Counts an open client connection until dropped.
-struct ConnectionGuard(IntGauge);
+/// Where a connection is between requests, for the header and idle bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for a request head: since accept, or since its first byte
+    /// arrived after an idle spell.
+    Head(Instant),
+    /// No request in flight and no byte of the next one, since then.
+    Idle(Instant),
+    /// Requests in flight (or a tunnel): no connection-level bound.
+    Busy,
+}
 
-impl ConnectionGuard {
-    fn new(gauge: &IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge.clone())
+struct ActivityState {
+    phase: Phase,
+    in_flight: usize,
+    tunnel: bool,
+}
+
+const PROTO_UNKNOWN: u8 = 0;
+const PROTO_H1: u8 = 1;
+const PROTO_H2: u8 = 2;
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// One connection's activity, fed by its reads and its requests, watched
+/// by the task that serves it.
+struct Activity {
+    state: Mutex<ActivityState>,
+    proto: AtomicU8,
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(ActivityState {
+                phase: Phase::Head(Instant::now()),
+                in_flight: 0,
+                tunnel: false,
+            }),
+            proto: AtomicU8::new(PROTO_UNKNOWN),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes arrived from the client.
+    fn on_read(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut proto = self.proto.load(Ordering::Relaxed);
+        if proto == PROTO_UNKNOWN {
+            let n = bytes.len().min(H2_PREFACE.len());
+            proto = if bytes[..n] == H2_PREFACE[..n] {
+                PROTO_H2
+            } else {
+                PROTO_H1
+            };
+            self.proto.store(proto, Ordering::Relaxed);
+        }
+        // HTTP/2 frames between streams (pings, settings) are not a request
+        // head; its connections stay idle until a stream opens.
+        if proto == PROTO_H2 {
+            return;
+        }
+        let mut s = self.lock();
+        if let Phase::Idle(_) = s.phase {
+            s.phase = Phase::Head(Instant::now());
+            drop(s);
+            self.changed.notify_one();
+        }
+    }
+
+    /// A request head was parsed: busy until the guard drops.
+    fn busy(self: &Arc<Self>) -> BusyGuard {
+        let mut s = self.lock();
+        s.in_flight += 1;
+        s.phase = Phase::Busy;
+        drop(s);
+        self.changed.notify_one();
+        BusyGuard {
+            activity: Arc::clone(self),
+        }
+    }
+
+    fn tunnel(&self) {
+        self.lock().tunnel = true;
+        self.changed.notify_one();
+    }
+
+    fn done(&self) {
+        let mut s = self.lock();
+        s.in_flight = s.in_flight.saturating_sub(1);
+        if s.in_flight == 0 && !s.tunnel {
+            s.phase = Phase::Idle(Instant::now());
+            drop(s);
+            self.changed.notify_one();
+        }
+    }
+
+    /// Resolves, naming the limit, once the connection has waited too long
+    /// for a request head or has been idle too long.
+    async fn expired(&self, header: Duration, idle: Duration) -> &'static str {
+        loop {
+            // `notify_one` keeps a permit, so a change between reading the
+            // phase and waiting is not lost.
+            let phase = self.lock().phase;
+            let (deadline, why) = match phase {
+                Phase::Head(since) => (since + header, "proxy.header_read_timeout"),
+                Phase::Idle(since) => (since + idle, "proxy.idle_timeout"),
+                Phase::Busy => {
+                    self.changed.notified().await;
+                    continue;
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    if self.lock().phase == phase {
+                        return why;
+                    }
+                }
+                _ = self.changed.notified() => {}
+            }
+        }
     }
 }
 
-impl Drop for ConnectionGuard {
+/// Keeps a connection busy while a request or its response body lives.
+struct BusyGuard {
+    activity: Arc<Activity>,
+}
+
+impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        self.activity.done();
+    }
+}
+
+/// The client's socket, reporting reads to the connection's [`Activity`].
+struct TrackedIo {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for TrackedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            this.activity.on_read(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for TrackedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A response body that keeps its connection busy until it ends, and fails
+/// when the upstream makes it wait longer than `idle` for the next frame.
+/// Time the client takes to read is not counted: the timer runs only while
+/// the body itself is pending.
+pub struct Tracked<B> {
+    inner: B,
+    busy: Option<BusyGuard>,
+    idle: Duration,
+    /// Armed at the first pending poll after a frame; made on first need,
+    /// so bodies that never wait (the proxy's own answers) cost no timer.
+    stall: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
+}
+
+impl<B> Tracked<B> {
+    fn new(inner: B, busy: BusyGuard, idle: Duration) -> Self {
+        Self {
+            inner,
+            busy: Some(busy),
+            idle,
+            stall: None,
+            waiting: false,
+        }
+    }
+}
+
+/// The error a stalled response body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream response body made no progress within upstream.body_idle_timeout ({0:?})")]
+pub struct BodyStalled(Duration);
+
+impl<B> Body for Tracked<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.waiting = false;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.busy = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.busy = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let deadline = Instant::now() + this.idle;
+                let stall = this
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !this.waiting {
+                    this.waiting = true;
+                    stall.as_mut().reset(deadline);
+                }
+                if stall.as_mut().poll(cx).is_ready() {
+                    this.busy = None;
+                    tracing::debug!(idle = ?this.idle, "response body stalled; cutting it off");
+                    return Poll::Ready(Some(Err(Box::new(BodyStalled(this.idle)))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHORT: Duration = Duration::from_millis(50);
+    const LONG: Duration = Duration::from_secs(30);
+
+    async fn expires_within(
+        a: &Activity,
+        header: Duration,
+        idle: Duration,
+    ) -> Option<&'static str> {
+        tokio::time::timeout(Duration::from_millis(500), a.expired(header, idle))
+            .await
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn a_fresh_connection_has_the_header_bound() {
+        let a = Activity::new();
+        assert_eq!(
+            expires_within(&a, SHORT, LONG).await,
+            Some("proxy.header_read_timeout")
+        );
+    }
+
+    #[tokio::test]
+    async fn busy_connections_never_expire_and_idle_ones_do() {
+        let a = Arc::new(Activity::new());
+        let busy = a.busy();
+        assert_eq!(expires_within(&a, SHORT, SHORT).await, None);
+        drop(busy);
+        // Waiting for the next request is idle time, not header time.
+        assert_eq!(
+            expires_within(&a, SHORT, Duration::from_millis(100)).await,
+            Some("proxy.idle_timeout")
+        );
+        // The first byte of a new head starts the header bound.
+        a.on_read(b"G");
+        assert_eq!(
+            expires_within(&a, SHORT, LONG).await,
+            Some("proxy.header_read_timeout")
+        );
+    }
+
+    #[tokio::test]
+    async fn http2_frames_between_streams_are_not_a_head() {
+        let a = Arc::new(Activity::new());
+        a.on_read(&H2_PREFACE[..10]);
+        drop(a.busy());
+        a.on_read(b"\x00\x00\x08\x06");
+        assert_eq!(
+            expires_within(&a, SHORT, Duration::from_millis(100)).await,
+            Some("proxy.idle_timeout")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_stays_busy() {
+        let a = Arc::new(Activity::new());
+        let busy = a.busy();
+        a.tunnel();
+        drop(busy);
+        assert_eq!(expires_within(&a, SHORT, SHORT).await, None);
     }
 }

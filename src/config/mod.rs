@@ -32,6 +32,14 @@ pub const ENV_PREFIX: &str = "TOKEN_INJECTOR_";
 const ENV_SECTIONS: &[&str] = &["proxy", "admin", "tokens", "upstream", "profiles", "routes"];
 /// No configured duration may exceed this.
 const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// `proxy.max_header_bytes`: hyper's HTTP/1 read buffer cannot be smaller
+/// than 8 KiB; above 1 MiB a header flood costs more memory than it is worth.
+const MIN_HEADER_BYTES: usize = 8 * 1024;
+const MAX_HEADER_BYTES: usize = 1024 * 1024;
+const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// hyper sizes its header array by `proxy.max_headers` for every request.
+const MAX_HEADERS: usize = 1000;
+const MAX_CONNECTIONS: usize = 1_000_000;
 
 /// The validated configuration. Built only by [`load`] or [`from_text`].
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +59,21 @@ pub struct Proxy {
     pub connect_allow: Vec<String>,
     /// How long in-flight requests may run after a shutdown signal.
     pub drain_timeout: Duration,
+    /// From a new connection, or the first byte of a request after an idle
+    /// spell, until the whole request head has arrived (slowloris bound).
+    pub header_read_timeout: Duration,
+    /// How long a client connection may stay open with no request in flight.
+    pub idle_timeout: Duration,
+    /// From a request head until the response head is sent: token wait,
+    /// reading a replayable body, the upstream exchange and its 401 retry.
+    pub request_timeout: Duration,
+    /// The largest request head (start line and headers), in bytes.
+    pub max_header_bytes: usize,
+    /// The most header fields in one HTTP/1 request head.
+    pub max_headers: usize,
+    /// Open client connections across all proxy listeners; more are closed
+    /// as soon as they are accepted.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +104,12 @@ pub struct Tokens {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     pub connect_timeout: Duration,
+    /// The TLS handshake after the TCP connect.
+    pub tls_timeout: Duration,
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
+    /// A response body that makes no progress for this long is cut off.
+    pub body_idle_timeout: Duration,
     /// Request bodies up to this size are buffered so a 401 can be retried.
     pub replay_buffer: usize,
 }
@@ -387,7 +414,48 @@ impl Validator<'_> {
             },
             connect_allow: raw.proxy.connect_allow.unwrap_or_default(),
             drain_timeout: self.duration("proxy.drain_timeout", raw.proxy.drain_timeout, "20s"),
+            header_read_timeout: self.duration(
+                "proxy.header_read_timeout",
+                raw.proxy.header_read_timeout,
+                "10s",
+            ),
+            // Above the 90 s idle timeout of Go's and reqwest's pools, so
+            // the app drops an idle connection before the proxy closes it.
+            idle_timeout: self.duration("proxy.idle_timeout", raw.proxy.idle_timeout, "120s"),
+            // Above token wait + upstream.response_timeout at their defaults.
+            request_timeout: self.duration(
+                "proxy.request_timeout",
+                raw.proxy.request_timeout,
+                "2m",
+            ),
+            max_header_bytes: self.count(
+                "proxy.max_header_bytes",
+                raw.proxy.max_header_bytes,
+                DEFAULT_MAX_HEADER_BYTES,
+                MIN_HEADER_BYTES..=MAX_HEADER_BYTES,
+            ),
+            max_headers: self.count(
+                "proxy.max_headers",
+                raw.proxy.max_headers,
+                100,
+                1..=MAX_HEADERS,
+            ),
+            max_connections: self.count(
+                "proxy.max_connections",
+                raw.proxy.max_connections,
+                4096,
+                1..=MAX_CONNECTIONS,
+            ),
         };
+        for (key, d) in [
+            ("proxy.header_read_timeout", proxy.header_read_timeout),
+            ("proxy.idle_timeout", proxy.idle_timeout),
+            ("proxy.request_timeout", proxy.request_timeout),
+        ] {
+            if d.is_zero() {
+                self.problem(key, "must be greater than zero");
+            }
+        }
         for (i, entry) in proxy.connect_allow.iter().enumerate() {
             match Pattern::parse(entry) {
                 Ok(p) if entry.rsplit_once(':').is_some() && !entry.ends_with(']') => drop(p),
@@ -448,6 +516,10 @@ impl Validator<'_> {
                 self.problem(key, "must be greater than zero");
             }
         }
+        // Tokens living under a second are refused (see token::refresh).
+        if !tokens.default_lifetime.is_zero() && tokens.default_lifetime < Duration::from_secs(1) {
+            self.problem("tokens.default_lifetime", "must be at least 1s");
+        }
         if tokens.retry_max < tokens.retry_initial {
             self.problem(
                 "tokens.retry_max",
@@ -457,11 +529,17 @@ impl Validator<'_> {
         let u = raw.upstream;
         let upstream = Upstream {
             connect_timeout: self.duration("upstream.connect_timeout", u.connect_timeout, "5s"),
+            tls_timeout: self.duration("upstream.tls_timeout", u.tls_timeout, "10s"),
             response_timeout: self.duration("upstream.response_timeout", u.response_timeout, "60s"),
             pool_idle_timeout: self.duration(
                 "upstream.pool_idle_timeout",
                 u.pool_idle_timeout,
                 "90s",
+            ),
+            body_idle_timeout: self.duration(
+                "upstream.body_idle_timeout",
+                u.body_idle_timeout,
+                "5m",
             ),
             replay_buffer: u
                 .replay_buffer
@@ -471,7 +549,9 @@ impl Validator<'_> {
         };
         for (key, d) in [
             ("upstream.connect_timeout", upstream.connect_timeout),
+            ("upstream.tls_timeout", upstream.tls_timeout),
             ("upstream.response_timeout", upstream.response_timeout),
+            ("upstream.body_idle_timeout", upstream.body_idle_timeout),
         ] {
             if d.is_zero() {
                 self.problem(key, "must be greater than zero");
@@ -552,6 +632,33 @@ impl Validator<'_> {
             );
             default.parse().expect("valid default address")
         })
+    }
+
+    /// A whole number within `range`, or `default` when unset.
+    fn count(
+        &mut self,
+        key: &str,
+        value: Option<u64>,
+        default: usize,
+        range: std::ops::RangeInclusive<usize>,
+    ) -> usize {
+        let Some(v) = value else {
+            return default;
+        };
+        match usize::try_from(v) {
+            Ok(n) if range.contains(&n) => n,
+            _ => {
+                self.problem(
+                    key,
+                    format!(
+                        "{v} is out of range; expected {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                default
+            }
+        }
     }
 
     fn duration(&mut self, key: &str, value: Option<String>, default: &str) -> Duration {

@@ -30,6 +30,12 @@ pub struct RawProxy {
     pub unmatched: Option<String>,
     pub connect_allow: Option<Vec<String>>,
     pub drain_timeout: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub request_timeout: Option<String>,
+    pub max_header_bytes: Option<u64>,
+    pub max_headers: Option<u64>,
+    pub max_connections: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -56,8 +62,10 @@ pub struct RawTokens {
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub connect_timeout: Option<String>,
+    pub tls_timeout: Option<String>,
     pub response_timeout: Option<String>,
     pub pool_idle_timeout: Option<String>,
+    pub body_idle_timeout: Option<String>,
     pub replay_buffer: Option<u64>,
 }
 

@@ -456,3 +456,100 @@ fn issuer_instead_of_token_url() {
         vec!["profiles.billing.issuer: set either token_url or issuer, not both"]
     );
 }
+
+#[test]
+fn limits_have_safe_defaults() {
+    let dir = dir_with_secret();
+    let c = load(GOOD, &dir).unwrap();
+    assert_eq!(c.proxy.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(c.proxy.idle_timeout, Duration::from_secs(120));
+    assert_eq!(c.proxy.request_timeout, Duration::from_secs(120));
+    assert_eq!(c.proxy.max_header_bytes, 64 * 1024);
+    assert_eq!(c.proxy.max_headers, 100);
+    assert_eq!(c.proxy.max_connections, 4096);
+    assert_eq!(c.upstream.body_idle_timeout, Duration::from_secs(300));
+}
+
+#[test]
+fn limits_are_read_from_toml_and_environment() {
+    let dir = dir_with_secret();
+    let text = format!("{GOOD}\n[upstream]\nbody_idle_timeout = \"1m\"\n").replace(
+        "[proxy]\n",
+        "[proxy]\nheader_read_timeout = \"2s\"\nidle_timeout = \"90s\"\nrequest_timeout = \"30s\"\nmax_header_bytes = 16384\nmax_headers = 50\n",
+    );
+    let env = vec![(
+        "TOKEN_INJECTOR_PROXY__MAX_CONNECTIONS".to_owned(),
+        "12".to_owned(),
+    )];
+    let c = from_text(&text, dir.path(), env).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(c.proxy.header_read_timeout, Duration::from_secs(2));
+    assert_eq!(c.proxy.idle_timeout, Duration::from_secs(90));
+    assert_eq!(c.proxy.request_timeout, Duration::from_secs(30));
+    assert_eq!(c.proxy.max_header_bytes, 16384);
+    assert_eq!(c.proxy.max_headers, 50);
+    assert_eq!(c.proxy.max_connections, 12);
+    assert_eq!(c.upstream.body_idle_timeout, Duration::from_secs(60));
+}
+
+#[test]
+fn bad_limits_are_all_reported_by_key() {
+    let text = format!(
+        "{GOOD}\n[upstream]\nbody_idle_timeout = \"0s\"\n"
+    )
+    .replace(
+        "[proxy]\n",
+        "[proxy]\nheader_read_timeout = \"0s\"\nidle_timeout = \"soon\"\nrequest_timeout = \"48h\"\nmax_header_bytes = 4096\nmax_headers = 0\nmax_connections = 0\n",
+    );
+    let p = problems(&text);
+    for want in [
+        "proxy.header_read_timeout: must be greater than zero",
+        "proxy.idle_timeout: invalid duration \"soon\"",
+        "proxy.request_timeout: \"48h\" is too long",
+        "proxy.max_header_bytes: 4096 is out of range; expected 8192 to 1048576",
+        "proxy.max_headers: 0 is out of range; expected 1 to 1000",
+        "proxy.max_connections: 0 is out of range; expected 1 to 1000000",
+        "upstream.body_idle_timeout: must be greater than zero",
+    ] {
+        assert!(
+            p.iter().any(|l| l.starts_with(want)),
+            "{want:?} not in {p:#?}"
+        );
+    }
+    assert_eq!(p.len(), 7, "{p:#?}");
+}
+
+#[test]
+fn oversized_and_negative_counts_are_refused() {
+    let p = problems(&GOOD.replace(
+        "[proxy]\n",
+        "[proxy]\nmax_header_bytes = 99999999999\nmax_headers = 1001\n",
+    ));
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("proxy.max_header_bytes: 99999999999 is out of range")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("proxy.max_headers: 1001 is out of range")),
+        "{p:?}"
+    );
+    let p = problems(&GOOD.replace("[proxy]\n", "[proxy]\nmax_connections = -5\n"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].starts_with("proxy.max_connections: "), "{p:?}");
+}
+
+#[test]
+fn default_lifetime_under_a_second_is_refused() {
+    let with = |v: &str| {
+        let text = format!("{GOOD}\n[tokens]\ndefault_lifetime = \"{v}\"\n");
+        problems(&text)
+    };
+    let p = with("500ms");
+    assert!(
+        p.iter()
+            .any(|l| l == "tokens.default_lifetime: must be at least 1s"),
+        "{p:?}"
+    );
+    assert!(with("1s").is_empty(), "{:?}", with("1s"));
+}
