@@ -98,6 +98,14 @@ pub fn normalize(host: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Whether a host taken from a request (any case, maybe one trailing dot)
+/// is a DNS name or an IP literal: no userinfo, no stray characters, no
+/// empty labels. Requests with anything else are refused before routing.
+pub fn valid_request_host(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    !host.is_empty() && valid_host(host)
+}
+
 fn valid_host(name: &str) -> bool {
     if let Some(inner) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
         return inner.parse::<std::net::Ipv6Addr>().is_ok();
@@ -212,6 +220,35 @@ mod tests {
         ];
         for (host, port, want) in cases {
             assert_eq!(t.lookup(host, *port), *want, "{host}:{port}");
+        }
+    }
+
+    #[test]
+    fn request_hosts_are_names_or_ip_literals() {
+        for good in [
+            "api.test",
+            "API.Test.",
+            "127.0.0.1",
+            "[::1]",
+            "xn--bcher-kva.test",
+            "a_b.test",
+        ] {
+            assert!(valid_request_host(good), "{good:?} should be accepted");
+        }
+        for bad in [
+            "",
+            ".",
+            "evil@api.test",
+            "api.test..",
+            "a..b",
+            "[::1",
+            "[zz]",
+            "b\u{fc}cher.test",
+            "api.test;x",
+            "api.test%2f",
+            "api test",
+        ] {
+            assert!(!valid_request_host(bad), "{bad:?} should be refused");
         }
     }
 

@@ -3,6 +3,8 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use super::error::{Error, Kind};
+
 /// Headers that describe one connection, never forwarded.
 const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
@@ -16,12 +18,13 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 /// Removes hop-by-hop headers: the fixed set, every `Proxy-*` header,
 /// `Keep-Alive`, and the headers the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(connection) = headers.get(header::CONNECTION) {
-        // Rare in practice; allocates only when present.
-        let named: Vec<HeaderName> = connection
-            .to_str()
-            .unwrap_or("")
-            .split(',')
+    if headers.contains_key(header::CONNECTION) {
+        // Every `Connection` line counts. Rare in practice; allocates only
+        // when present.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|line| line.to_str().unwrap_or("").split(','))
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
             .collect();
         for name in named {
@@ -51,6 +54,41 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+}
+
+/// Refuses request framing that parsers disagree on (request smuggling).
+///
+/// hyper has already refused bad and conflicting `Content-Length` values and
+/// a `Transfer-Encoding` whose last coding is not `chunked`. It accepts
+/// `gzip, chunked` (the body would go out still gzip-coded, without saying
+/// so) and `chunked` twice; both are refused here. When a request carries
+/// both `Content-Length` and `Transfer-Encoding`, hyper frames it by
+/// `Transfer-Encoding`, drops `Content-Length` and closes the connection
+/// after the response, so the pair is no longer visible here; the check
+/// for it stays for any server path that keeps both.
+pub fn check_framing(headers: &HeaderMap) -> Result<(), Error> {
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let Some(first) = codings.next() else {
+        return Ok(());
+    };
+    let only_chunked = first
+        .as_bytes()
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"chunked")
+        && codings.next().is_none();
+    if !only_chunked {
+        return Err(Error::new(
+            Kind::BadRequest,
+            "unsupported Transfer-Encoding: only \"chunked\" is accepted",
+        ));
+    }
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return Err(Error::new(
+            Kind::BadRequest,
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    Ok(())
 }
 
 /// Sets `Authorization` to the token's value, replacing every value the app
@@ -96,6 +134,26 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["accept", "x-keep"]);
+    }
+
+    #[test]
+    fn framing_allows_only_a_single_chunked_coding() {
+        assert!(check_framing(&map(&[("content-length", "5")])).is_ok());
+        assert!(check_framing(&map(&[("transfer-encoding", "chunked")])).is_ok());
+        assert!(check_framing(&map(&[("transfer-encoding", "Chunked ")])).is_ok());
+        for bad in [
+            &[("transfer-encoding", "gzip, chunked")][..],
+            &[("transfer-encoding", "chunked, chunked")],
+            &[("transfer-encoding", "identity")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[("transfer-encoding", "chunked"), ("content-length", "5")],
+        ] {
+            let e = check_framing(&map(bad)).unwrap_err();
+            assert_eq!(e.kind, Kind::BadRequest, "{bad:?}");
+        }
     }
 
     #[test]

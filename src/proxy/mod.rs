@@ -169,6 +169,7 @@ impl Proxy {
                 ),
             ));
         }
+        headers::check_framing(req.headers()).map_err(|e| (None, e))?;
         let index = match entry {
             Entry::Dedicated(label) => *self.dedicated.get(label).ok_or_else(|| {
                 (
@@ -224,30 +225,31 @@ impl Proxy {
         parts.headers.insert(header::HOST, host_header);
         headers::inject(&mut parts.headers, token.header());
 
-        // Buffer small bodies so a 401 can be retried; stream the rest.
-        let replay = replayable(body, self.settings.replay_buffer).await?;
-        let (first_body, replay) = match replay {
-            Replay::Stream(body) => (Either::Left(body), None),
-            Replay::Buffered(bytes) => (Either::Right(Full::new(bytes.clone())), Some(bytes)),
+        // Buffer small bodies so a 401 (or a stale pooled connection) can be
+        // retried; stream the rest.
+        let bytes = match replayable(body, self.settings.replay_buffer).await? {
+            Replay::Stream(body) => {
+                let request = outgoing(parts.method, uri, parts.headers, Either::Left(body));
+                return Ok(finish(
+                    self.send(&route.client, request, Some(&route.metrics))
+                        .await?,
+                ));
+            }
+            Replay::Buffered(bytes) => bytes,
         };
-        let retry_parts = replay
-            .as_ref()
-            .map(|_| (parts.method.clone(), parts.headers.clone()));
-        let mut request = Request::new(first_body);
-        *request.method_mut() = parts.method;
-        *request.uri_mut() = uri.clone();
-        *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = parts.headers;
-
         let response = self
-            .send(&route.client, request, Some(&route.metrics))
+            .send_replayable(
+                &route.client,
+                &parts.method,
+                &uri,
+                &parts.headers,
+                &bytes,
+                Some(&route.metrics),
+            )
             .await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(finish(response));
         }
-        let (Some(bytes), Some((method, mut headers))) = (replay, retry_parts) else {
-            return Ok(finish(response));
-        };
         // The upstream refused our token: drop it, get a fresh one, retry once.
         match route.store.invalidate(&token) {
             Invalidated::RateLimited => return Ok(finish(response)),
@@ -258,18 +260,58 @@ impl Proxy {
             Err(_) => return Ok(finish(response)),
         };
         tracing::debug!(route = %route.label, "upstream answered 401; retrying with a fresh token");
-        headers::inject(&mut headers, fresh.header());
-        let mut retry = Request::new(Either::Right(Full::new(bytes)));
-        *retry.method_mut() = method;
-        *retry.uri_mut() = uri;
-        *retry.version_mut() = Version::HTTP_11;
-        *retry.headers_mut() = headers;
+        headers::inject(&mut parts.headers, fresh.header());
         drop(response);
         route.metrics.unauthorized_retry();
         Ok(finish(
-            self.send(&route.client, retry, Some(&route.metrics))
-                .await?,
+            self.send_replayable(
+                &route.client,
+                &parts.method,
+                &uri,
+                &parts.headers,
+                &bytes,
+                Some(&route.metrics),
+            )
+            .await?,
         ))
+    }
+
+    /// Sends a request whose body we hold. An idempotent one is sent once
+    /// more if the upstream closed the connection before answering: a pooled
+    /// connection the upstream had just dropped (its keep-alive timeout, or
+    /// a server that closes after each response without `Connection: close`).
+    /// hyper-util retries only requests not yet written to such a connection;
+    /// this covers the ones that were. Both attempts share one deadline.
+    async fn send_replayable(
+        &self,
+        client: &HttpsClient,
+        method: &Method,
+        uri: &Uri,
+        headers: &http::HeaderMap,
+        body: &Bytes,
+        metrics: Option<&RouteMetrics>,
+    ) -> Result<Response<Incoming>, Error> {
+        let request = || {
+            outgoing(
+                method.clone(),
+                uri.clone(),
+                headers.clone(),
+                Either::Right(Full::new(body.clone())),
+            )
+        };
+        let deadline = tokio::time::Instant::now() + self.settings.response_timeout;
+        match self.attempt(client, request(), deadline).await {
+            Err(Failure::Upstream(e)) if method.is_idempotent() && closed_before_answer(&e) => {
+                tracing::debug!(
+                    upstream = uri.authority().map(|a| a.as_str()).unwrap_or("upstream"),
+                    "upstream closed the connection before answering; retrying once"
+                );
+                self.attempt(client, request(), deadline)
+                    .await
+                    .map_err(|f| self.failure(f, uri, metrics))
+            }
+            other => other.map_err(|f| self.failure(f, uri, metrics)),
+        }
     }
 
     async fn send(
@@ -280,15 +322,30 @@ impl Proxy {
     ) -> Result<Response<Incoming>, Error> {
         // A cheap clone (shared bytes), to name the upstream in an error.
         let uri = request.uri().clone();
-        let describe = || {
-            uri.authority()
-                .map(|a| a.as_str())
-                .unwrap_or("upstream")
-                .to_owned()
-        };
-        match tokio::time::timeout(self.settings.response_timeout, client.request(request)).await {
+        let deadline = tokio::time::Instant::now() + self.settings.response_timeout;
+        self.attempt(client, request, deadline)
+            .await
+            .map_err(|f| self.failure(f, &uri, metrics))
+    }
+
+    async fn attempt(
+        &self,
+        client: &HttpsClient,
+        request: Request<Body>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<Incoming>, Failure> {
+        match tokio::time::timeout_at(deadline, client.request(request)).await {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => {
+            Ok(Err(e)) => Err(Failure::Upstream(e)),
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    /// Counts a failed exchange and turns it into the app's error.
+    fn failure(&self, failure: Failure, uri: &Uri, metrics: Option<&RouteMetrics>) -> Error {
+        let upstream = uri.authority().map(|a| a.as_str()).unwrap_or("upstream");
+        match failure {
+            Failure::Upstream(e) => {
                 if let Some(m) = metrics {
                     m.upstream_error(if e.is_connect() {
                         "connect"
@@ -296,21 +353,20 @@ impl Proxy {
                         "protocol"
                     });
                 }
-                Err(upstream_error(&describe(), &e))
+                upstream_error(upstream, &e)
             }
-            Err(_) => Err({
+            Failure::Timeout => {
                 if let Some(m) = metrics {
                     m.upstream_error("timeout");
                 }
                 Error::new(
                     Kind::UpstreamTimeout,
                     format!(
-                        "{} did not answer within {:?}",
-                        describe(),
+                        "{upstream} did not answer within {:?}",
                         self.settings.response_timeout
                     ),
                 )
-            }),
+            }
         }
     }
 
@@ -331,13 +387,82 @@ impl Proxy {
             parts.uri = format!("http://{host}{pq}")
                 .parse()
                 .map_err(|_| Error::new(Kind::BadRequest, "invalid Host header"))?;
+        } else if let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            // RFC 9112 §3.2.2: a proxy replaces Host with the absolute URI's
+            // authority, so the host we connect to and the one named agree.
+            parts.headers.insert(header::HOST, host);
         }
         headers::strip_hop_by_hop(&mut parts.headers);
-        parts.version = Version::HTTP_11;
-        let request = Request::from_parts(parts, Either::Left(body));
+        if body.is_end_stream() {
+            // No body to lose: a stale pooled connection may be retried.
+            let response = self
+                .send_replayable(
+                    &self.passthrough,
+                    &parts.method,
+                    &parts.uri,
+                    &parts.headers,
+                    &Bytes::new(),
+                    None,
+                )
+                .await?;
+            return Ok(finish(response));
+        }
+        let request = outgoing(parts.method, parts.uri, parts.headers, Either::Left(body));
         let response = self.send(&self.passthrough, request, None).await?;
         Ok(finish(response))
     }
+}
+
+/// Why one exchange with an upstream failed.
+enum Failure {
+    Upstream(hyper_util::client::legacy::Error),
+    Timeout,
+}
+
+/// An HTTP/1.1 request as the upstream client sends it.
+fn outgoing(method: Method, uri: Uri, headers: http::HeaderMap, body: Body) -> Request<Body> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    request
+}
+
+/// Whether the upstream closed or reset the connection before any response
+/// head arrived, after the request was sent on it: what a stale pooled
+/// connection looks like (a clean EOF, or over TLS usually an EOF without
+/// close_notify, or a reset). Connect failures are not this.
+fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && h.is_incomplete_message()
+        {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    // rustls: closed without close_notify, as many servers do.
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// The target host and port of a request on the forward listener: the
@@ -349,10 +474,22 @@ fn target_host(req: &Request<Incoming>) -> Result<(&str, u16), Error> {
         80
     };
     if let Some(authority) = req.uri().authority() {
-        return Ok((
-            authority.host(),
-            authority.port_u16().unwrap_or(default_port),
-        ));
+        // RFC 9110 §4.2.4: userinfo in an http(s) URI is to be treated as an
+        // error; refusing it also keeps `user@host` spellings out of routing.
+        if authority.as_str().contains('@') {
+            return Err(Error::new(
+                Kind::BadRequest,
+                "userinfo (user@) in the request URI is not allowed",
+            ));
+        }
+        let host = authority.host();
+        if !route::valid_request_host(host) {
+            return Err(Error::new(
+                Kind::BadRequest,
+                "invalid host in the request URI",
+            ));
+        }
+        return Ok((host, authority.port_u16().unwrap_or(default_port)));
     }
     let host = req
         .headers()
@@ -364,8 +501,10 @@ fn target_host(req: &Request<Incoming>) -> Result<(&str, u16), Error> {
                 "request has no target host (absolute URI or Host header)",
             )
         })?;
+    // A Host header is `host[:port]` and nothing else: no userinfo, no
+    // characters a DNS name or IP literal cannot hold.
     let (name, port) = route::split_host_port(host)
-        .filter(|(h, _)| !h.is_empty())
+        .filter(|(h, _)| route::valid_request_host(h))
         .ok_or_else(|| Error::new(Kind::BadRequest, "invalid Host header"))?;
     Ok((name, port.unwrap_or(default_port)))
 }
