@@ -279,15 +279,15 @@ impl Client {
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
         let body = read_bounded(response, MAX_BODY)
             .await
             .map_err(|e| match e {
                 ReadError::TooLarge => {
                     FetchError::InvalidResponse(format!("body larger than {MAX_BODY} bytes"))
                 }
-                ReadError::Transport(e) => self.transport_error(e),
+                ReadError::Transport(e) if e.is_timeout() => FetchError::Timeout(self.timeout),
+                ReadError::Transport(e) => FetchError::Interrupted(error_chain(&e.without_url())),
             })?;
         let now_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -305,6 +305,63 @@ impl Client {
             FetchError::Connect(error_chain(&e.without_url()))
         }
     }
+}
+
+/// A `Retry-After` value (RFC 9110 §10.2.3): delay-seconds, or an
+/// IMF-fixdate taken relative to `now` (a date already past is no delay).
+/// Anything else is ignored, as if the header were absent.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits to fit is still "a long time"; the caller caps it.
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+    }
+    let at = parse_imf_fixdate(value)?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT`, the only date form RFC 9110 requires
+/// senders to use.
+fn parse_imf_fixdate(s: &str) -> Option<SystemTime> {
+    let (_weekday, rest) = s.split_once(", ")?;
+    let mut parts = rest.split(' ');
+    let (day, month, year, time, zone) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
+    if parts.next().is_some() || zone != "GMT" || day.len() != 2 || year.len() != 4 {
+        return None;
+    }
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| *m == month)? as i64 + 1;
+    let num = |t: &str| -> Option<i64> {
+        t.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| t.parse().ok())
+            .flatten()
+    };
+    let (day, year) = (num(day)?, num(year)?);
+    let mut hms = time.split(':');
+    let (h, m, sec) = (num(hms.next()?)?, num(hms.next()?)?, num(hms.next()?)?);
+    if hms.next().is_some() || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    // Days since the epoch from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + m * 60 + sec;
+    let secs = u64::try_from(secs).ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
 /// The metadata URLs to try for `issuer`: RFC 8414 first (the well-known
@@ -476,6 +533,40 @@ mod tests {
                 "https://idp.test/realms/x/.well-known/openid-configuration"
             ]
         );
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        // 2026-11-26T02:00:00Z
+        let now = UNIX_EPOCH + Duration::from_secs(1_795_658_400);
+        let cases: &[(&str, Option<u64>)] = &[
+            ("0", Some(0)),
+            (" 7 ", Some(7)),
+            ("99999999999999999999999", Some(u64::MAX)),
+            ("Thu, 26 Nov 2026 02:00:30 GMT", Some(30)),
+            ("Sat, 28 Nov 2026 02:00:00 GMT", Some(2 * 86_400)),
+            ("Fri, 01 Jan 2027 00:00:00 GMT", Some(3_103_200)),
+            ("Thu, 26 Nov 2026 01:00:00 GMT", Some(0)), // past: no delay
+            ("Sun, 06 Nov 1994 08:49:37 GMT", Some(0)),
+            ("", None),
+            ("-5", None),
+            ("1.5", None),
+            ("soon", None),
+            ("Thu, 26 Nov 2026 02:00:30 UTC", None),
+            ("Thursday, 26-Nov-26 02:00:30 GMT", None),
+            ("Thu, 26 Foo 2026 02:00:30 GMT", None),
+            ("Thu, 26 Nov 2026 25:00:30 GMT", None),
+            ("Thu, 26 Nov 2026 02:00 GMT", None),
+            ("Thu, 99 Nov 2026 02:00:30 GMT", None),
+            ("Thu, +1 Nov 2026 02:00:30 GMT", None),
+        ];
+        for (value, want) in cases {
+            assert_eq!(
+                parse_retry_after(value, now),
+                want.map(Duration::from_secs),
+                "{value:?}"
+            );
+        }
     }
 
     #[test]

@@ -16,6 +16,11 @@ use super::{Client, Store, Token};
 /// returns an almost-expired token cannot make the task spin.
 const MIN_REFRESH: Duration = Duration::from_millis(100);
 
+/// Tokens said to live less than this are refused: by the time the answer
+/// is parsed and published, such a token is dead or nearly so, and taking it
+/// would renew in a tight loop.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
+
 /// When to renew and when a token stops being usable. Valid by construction.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -112,6 +117,12 @@ pub async fn run(
         let result = client.fetch().await;
         let elapsed = sent.elapsed();
         let next = match result.and_then(|parsed| {
+            if parsed.lifetime < MIN_LIFETIME {
+                return Err(super::FetchError::InvalidResponse(format!(
+                    "the token lives {:?}, less than the minimum {MIN_LIFETIME:?}",
+                    parsed.lifetime
+                )));
+            }
             let held = store.peek();
             let lifetime = same_token_lifetime(held.as_deref(), &parsed, sent);
             let mut token = Token::new(

@@ -29,6 +29,9 @@ pub enum FetchError {
     Timeout(Duration),
     #[error("cannot reach the token endpoint: {0}")]
     Connect(String),
+    /// The connection failed after the status and headers had arrived.
+    #[error("the token response broke off: {0}")]
+    Interrupted(String),
     #[error("token endpoint answered HTTP {status}{}", describe(.error, .description))]
     Rejected {
         status: u16,
@@ -57,7 +60,8 @@ impl FetchError {
         match self {
             FetchError::Secret(_) => "secret",
             FetchError::Timeout(_) => "timeout",
-            FetchError::Connect(_) => "connect",
+            // Either way the connection failed; the message tells which.
+            FetchError::Connect(_) | FetchError::Interrupted(_) => "connect",
             FetchError::InvalidResponse(_) => "invalid_response",
             FetchError::Discovery(_) => "discovery",
             FetchError::Rejected { error, .. } => match error.as_deref() {
@@ -284,6 +288,213 @@ mod tests {
     }
 
     #[test]
+    fn hostile_shapes_say_what_is_wrong() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "<html><body>Login</body></html>",
+                "body is not a JSON object",
+            ),
+            (
+                r#"{"access_token":"a","token_type":"Bea"#,
+                "body is not a JSON object",
+            ),
+            // Out of f64 range: serde_json refuses the whole document.
+            (
+                r#"{"access_token":"a","expires_in":1e400}"#,
+                "body is not a JSON object",
+            ),
+            ("", "empty body"),
+            (
+                r#"{"access_token":"a","expires_in":0}"#,
+                "must be a positive number",
+            ),
+            (
+                r#"{"access_token":"a","expires_in":-0.0}"#,
+                "must be a positive number",
+            ),
+            (
+                r#"{"access_token":"a","expires_in":-3600}"#,
+                "must be a positive number",
+            ),
+            (
+                r#"{"access_token":"a","expires_in":"0"}"#,
+                "must be a positive number",
+            ),
+            (
+                r#"{"access_token":"a","expires_in":"-1"}"#,
+                "must be a positive number",
+            ),
+            (
+                r#"{"access_token":"a","expires_in":"inf"}"#,
+                "must be a positive number",
+            ),
+            (
+                r#"{"access_token":"a","expires_in":"NaN"}"#,
+                "must be a positive number",
+            ),
+            (
+                r#"{"access_token":"a","expires_in":"3600s"}"#,
+                "expires_in is not a number",
+            ),
+            (
+                r#"{"access_token":"a","expires_in":""}"#,
+                "expires_in is not a number",
+            ),
+            (
+                r#"{"access_token":"a","expires_in":true}"#,
+                "expires_in is not a number",
+            ),
+            (
+                r#"{"access_token":"a","expires_in":{}}"#,
+                "expires_in is not a number",
+            ),
+            (
+                r#"{"access_token":"a","token_type":"DPoP"}"#,
+                "token_type DPoP is not supported",
+            ),
+            (
+                r#"{"access_token":"a","token_type":"dpop"}"#,
+                "token_type DPoP is not supported",
+            ),
+            (
+                r#"{"access_token":"a","token_type":"N_A"}"#,
+                r#"token_type "N_A" is not Bearer"#,
+            ),
+            (
+                r#"{"access_token":"a","token_type":"Bearer "}"#,
+                "is not Bearer",
+            ),
+            (
+                r#"{"access_token":"a","token_type":1}"#,
+                "token_type is not a string",
+            ),
+            (
+                r#"{"access_token":"a\rb"}"#,
+                "not allowed in an HTTP header",
+            ),
+            (
+                r#"{"access_token":"a\nb"}"#,
+                "not allowed in an HTTP header",
+            ),
+            (
+                r#"{"access_token":"a\u0000b"}"#,
+                "not allowed in an HTTP header",
+            ),
+            (
+                r#"{"access_token":"a\tb"}"#,
+                "not allowed in an HTTP header",
+            ),
+            (
+                r#"{"access_token":"\u00e9"}"#,
+                "not allowed in an HTTP header",
+            ),
+            (
+                r#"{"access_token":"\u2028"}"#,
+                "not allowed in an HTTP header",
+            ),
+            (
+                r#"{"access_token":"a\u007fb"}"#,
+                "not allowed in an HTTP header",
+            ),
+            (
+                r#"{"access_token":null}"#,
+                "access_token is not a non-empty string",
+            ),
+            (
+                r#"{"access_token":["a"]}"#,
+                "access_token is not a non-empty string",
+            ),
+        ];
+        for (body, says) in cases {
+            match ok(body) {
+                Err(e @ FetchError::InvalidResponse(_)) => {
+                    assert_eq!(e.reason(), "invalid_response");
+                    assert!(e.to_string().contains(says), "{body:?}: {e}");
+                }
+                other => panic!("{body:?} should be invalid: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn lenient_shapes_are_accepted() {
+        // expires_in as numeric strings (common, though RFC 6749 says a
+        // number), fractions, and values past the cap; Bearer in any case.
+        let cases: &[(&str, Duration)] = &[
+            (
+                r#"{"access_token":"a","expires_in":"3600"}"#,
+                Duration::from_secs(3600),
+            ),
+            (
+                r#"{"access_token":"a","expires_in":" 90 "}"#,
+                Duration::from_secs(90),
+            ),
+            (
+                r#"{"access_token":"a","expires_in":"2.5"}"#,
+                Duration::from_millis(2500),
+            ),
+            (
+                r#"{"access_token":"a","expires_in":59.999}"#,
+                Duration::from_millis(59_999),
+            ),
+            (
+                r#"{"access_token":"a","expires_in":18446744073709551616}"#,
+                MAX_LIFETIME,
+            ),
+            (
+                r#"{"access_token":"a","expires_in":"99999999999999"}"#,
+                MAX_LIFETIME,
+            ),
+            (r#"{"access_token":"a","expires_in":1e300}"#, MAX_LIFETIME),
+            (
+                r#"{"access_token":"a","token_type":"BEARER","expires_in":5}"#,
+                Duration::from_secs(5),
+            ),
+        ];
+        for (body, want) in cases {
+            assert_eq!(ok(body).unwrap().lifetime, *want, "{body}");
+        }
+        // Fields we do not know are ignored, scope is kept, cleaned.
+        let p = ok(r#"{"access_token":"a","scope":"r\nw","refresh_token":"x","id":1}"#).unwrap();
+        assert_eq!(p.scope.as_deref(), Some("rw"));
+    }
+
+    #[test]
+    fn error_statuses_keep_status_code_and_retry_after() {
+        let cases: &[(u16, &[u8], &str)] = &[
+            (500, b"", "http_status"),
+            (500, b"<html>boom</html>", "http_status"),
+            (500, br#"{"error":"server_error"}"#, "server_error"),
+            (502, br#"{"error":"nonsense_code"}"#, "other"),
+            (429, b"slow down", "http_status"),
+            (
+                503,
+                br#"{"error":"temporarily_unavailable"}"#,
+                "temporarily_unavailable",
+            ),
+            (400, br#"{"error":42}"#, "http_status"),
+            (302, b"", "http_status"),
+        ];
+        for (status, body, reason) in cases {
+            let e = parse(*status, body, Some(Duration::from_secs(3)), NOW, DEFAULT).unwrap_err();
+            assert_eq!(e.reason(), *reason, "{status}");
+            assert!(e.to_string().contains(&format!("HTTP {status}")), "{e}");
+            assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+        }
+        // A success status with an error body is still judged as a token.
+        assert!(ok(r#"{"error":"invalid_client"}"#).is_err());
+        // An error description from the server is cut to one short line.
+        let long = format!(
+            r#"{{"error":"x","error_description":"a
+b{}"}}"#,
+            "c".repeat(500)
+        );
+        let e = parse(400, long.as_bytes(), None, NOW, DEFAULT).unwrap_err();
+        let text = e.to_string();
+        assert!(!text.contains('\n') && text.len() < 300, "{text}");
+    }
+
+    #[test]
     fn error_bodies_name_the_oauth_error() {
         let e = parse(
             400,
@@ -301,6 +512,19 @@ mod tests {
         let e = parse(503, b"<html>", Some(Duration::from_secs(7)), NOW, DEFAULT).unwrap_err();
         assert_eq!(e.reason(), "http_status");
         assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn broken_connections_count_as_connect() {
+        let before = FetchError::Connect("connection refused".into());
+        let after = FetchError::Interrupted("connection reset by peer".into());
+        assert_eq!(before.reason(), "connect");
+        assert_eq!(after.reason(), "connect");
+        assert_eq!(
+            after.to_string(),
+            "the token response broke off: connection reset by peer"
+        );
+        assert_eq!(after.retry_after(), None);
     }
 
     #[test]
