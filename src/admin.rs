@@ -14,14 +14,20 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::token::Store;
+
+/// Time for a request head on the admin listener; scrapers and probes send
+/// theirs at once.
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Concurrent admin connections; more are closed on accept.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Readiness: the stores of the profiles in use, and the latch.
 #[derive(Default)]
@@ -106,11 +112,13 @@ pub async fn serve(
     status: Arc<Status>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1 only: probes and scrapers speak it, and hyper's head timer then
+    // runs from the start of each connection, so a silent one is closed.
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
+        .header_read_timeout(ADMIN_HEADER_TIMEOUT);
+    let open = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
@@ -120,16 +128,20 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // Beyond the cap: close at once rather than queue.
+        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let metrics = Arc::clone(&metrics);
         let status = Arc::clone(&status);
         let service = service_fn(move |req| {
             let response = respond(&req, &metrics, &status);
             async move { Ok::<_, Infallible>(response) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(async move {
+            let _permit = permit;
             let _ = conn.await;
         });
     }

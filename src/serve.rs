@@ -230,14 +230,7 @@ fn service(
         let busy = activity.busy();
         async move {
             let connect = req.method() == Method::CONNECT;
-            let response = match tokio::time::timeout(deadline, proxy.handle(&entry, req)).await {
-                Ok(r) => r,
-                Err(_) => proxy::Error::new(
-                    proxy::Kind::UpstreamTimeout,
-                    format!("no response within proxy.request_timeout ({deadline:?})"),
-                )
-                .into_response(),
-            };
+            let response = proxy.handle(&entry, req, deadline).await;
             if connect && response.status().is_success() {
                 // A tunnel carries bytes past hyper: never idle, never a head.
                 busy.activity.tunnel();

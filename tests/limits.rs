@@ -352,6 +352,21 @@ async fn request_timeout_bounds_time_to_response_head() {
     assert_eq!(status, 504);
     assert_eq!(kind.as_deref(), Some("upstream_timeout"));
     assert!(took < Duration::from_secs(3), "{took:?}");
+    // Both 504s are counted, under their routes (not as unrouted).
+    let text = app.metrics().render();
+    let counted: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("token_injector_requests_total{") && l.contains("code=\"504\""))
+        .collect();
+    let total: f64 = counted
+        .iter()
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(total, 2.0, "{counted:?}");
+    assert!(
+        counted.iter().all(|l| !l.contains("route=\"-\"")),
+        "{counted:?}"
+    );
     app.shutdown().await;
 }
 

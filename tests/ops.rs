@@ -1069,3 +1069,40 @@ ca_file = "ca.pem"
     assert_eq!(w.tokens.state.count(), 1, "the kept profile kept its token");
     app.shutdown().await;
 }
+
+/// A connection to the admin listener that never sends a request is closed
+/// after the admin head timeout (5 s), while probes keep being answered.
+#[tokio::test]
+async fn silent_admin_connection_is_closed_and_probes_still_answer() {
+    let w = World::new(Mode::Issue(60.0)).await;
+    let app = w.start(&w.config("", "")).await;
+    let admin = app.admin_addr();
+    let client = direct_client();
+    let mut silent = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let started = Instant::now();
+    let r = client
+        .get(format!("http://{admin}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(15), silent.read(&mut buf))
+        .await
+        .expect("the silent connection was not closed")
+        .unwrap_or(0);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    // hyper may write a 408 before closing; either way the connection ends.
+    assert!(n == 0 || buf.starts_with(b"HTTP/1.1 408"), "{n}");
+    let r = client
+        .get(format!("http://{admin}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    app.shutdown().await;
+}

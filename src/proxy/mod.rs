@@ -40,6 +40,13 @@ pub enum Entry {
     Dedicated(Arc<str>),
 }
 
+/// Where a request was resolved to.
+#[derive(Clone, Copy)]
+enum Resolved {
+    Route(usize),
+    Passthrough,
+}
+
 /// One route, ready for the request path.
 pub struct Route {
     pub label: String,
@@ -132,12 +139,40 @@ impl Proxy {
         }
     }
 
-    /// Handles one request; every failure becomes a response here.
-    pub async fn handle(&self, entry: &Entry, req: Request<Incoming>) -> Response<Body> {
+    /// Handles one request; every failure becomes a response here. The
+    /// exchange after routing is bounded by `deadline` (`proxy.request_timeout`)
+    /// up to the response head, and counted under its route either way.
+    pub async fn handle(
+        &self,
+        entry: &Entry,
+        req: Request<Incoming>,
+        deadline: Duration,
+    ) -> Response<Body> {
         let started = Instant::now();
-        let (route, response) = match self.route_and_forward(entry, req).await {
-            Ok((route, r)) => (route, r),
-            Err((route, e)) => (route, e.into_response()),
+        let (route, response) = match self.resolve(entry, &req) {
+            Err(e) => (None, e.into_response()),
+            Ok(target) => {
+                let route = match target {
+                    Resolved::Route(i) => Some(i),
+                    Resolved::Passthrough => None,
+                };
+                let exchange = async {
+                    match target {
+                        Resolved::Route(i) => self.forward(&self.routes[i], req).await,
+                        Resolved::Passthrough => self.passthrough(req).await,
+                    }
+                };
+                let response = match tokio::time::timeout(deadline, exchange).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => e.into_response(),
+                    Err(_) => Error::new(
+                        Kind::UpstreamTimeout,
+                        format!("no response within proxy.request_timeout ({deadline:?})"),
+                    )
+                    .into_response(),
+                };
+                (route, response)
+            }
         };
         let elapsed = started.elapsed();
         let status = response.status().as_u16();
@@ -155,55 +190,40 @@ impl Proxy {
         response
     }
 
-    async fn route_and_forward(
-        &self,
-        entry: &Entry,
-        req: Request<Incoming>,
-    ) -> Result<(Option<usize>, Response<Body>), (Option<usize>, Error)> {
+    /// Where a request goes, decided before anything waits.
+    fn resolve(&self, entry: &Entry, req: &Request<Incoming>) -> Result<Resolved, Error> {
         if req.method() == Method::CONNECT {
-            return Err((
-                None,
-                Error::new(
-                    Kind::NoRoute,
-                    "CONNECT tunnels are not allowed: token injection needs plain HTTP to the proxy (http:// URLs)",
-                ),
+            return Err(Error::new(
+                Kind::NoRoute,
+                "CONNECT tunnels are not allowed: token injection needs plain HTTP to the proxy (http:// URLs)",
             ));
         }
-        headers::check_framing(req.headers()).map_err(|e| (None, e))?;
-        let index = match entry {
-            Entry::Dedicated(label) => *self.dedicated.get(label).ok_or_else(|| {
-                (
-                    None,
+        headers::check_framing(req.headers())?;
+        match entry {
+            Entry::Dedicated(label) => self
+                .dedicated
+                .get(label)
+                .map(|&i| Resolved::Route(i))
+                .ok_or_else(|| {
                     Error::new(
                         Kind::NoRoute,
                         "this listener's route was removed by a reload",
-                    ),
-                )
-            })?,
+                    )
+                }),
             Entry::Forward => {
-                let (host, port) = target_host(&req).map_err(|e| (None, e))?;
+                let (host, port) = target_host(req)?;
                 match self.table.lookup(host, port) {
-                    Some(i) => i,
+                    Some(i) => Ok(Resolved::Route(i)),
                     None if self.settings.unmatched == Unmatched::Passthrough => {
-                        return self
-                            .passthrough(req)
-                            .await
-                            .map(|r| (None, r))
-                            .map_err(|e| (None, e));
+                        Ok(Resolved::Passthrough)
                     }
-                    None => {
-                        return Err((
-                            None,
-                            Error::new(Kind::NoRoute, format!("no route for host {host:?}")),
-                        ));
-                    }
+                    None => Err(Error::new(
+                        Kind::NoRoute,
+                        format!("no route for host {host:?}"),
+                    )),
                 }
             }
-        };
-        self.forward(&self.routes[index], req)
-            .await
-            .map(|r| (Some(index), r))
-            .map_err(|e| (Some(index), e))
+        }
     }
 
     async fn forward(
