@@ -804,3 +804,47 @@ async fn failed_issuer_discovery_is_a_503_and_retried() {
     assert!(w.upstream.seen().is_empty());
     app.shutdown().await;
 }
+
+/// A token-endpoint outage that ends before the token in hand runs out
+/// costs no request, even when the backoff would overshoot its end: the
+/// retry is brought forward (found by the soak, bench/soak.sh).
+#[tokio::test]
+async fn short_outage_before_expiry_costs_no_request() {
+    let w = World::new(Mode::Issue(3.0)).await;
+    // Slow backoff: 400 ms doubling, so that the third retry overshoots.
+    let text = w
+        .config("", "")
+        .replace("retry_initial = \"50ms\"", "retry_initial = \"400ms\"")
+        .replace("retry_max = \"200ms\"", "retry_max = \"5s\"");
+    assert!(text.contains("\"400ms\""), "the fixture config changed");
+    let app = w.start(&text).await;
+    let client = proxied_client(app.proxy_addr());
+    w.tokens
+        .state
+        .wait_for_requests(1, Duration::from_secs(5))
+        .await;
+    let t0 = Instant::now();
+    // The token (3 s, usable ~2.7 s) renews at 1.35–1.5 s: down from 1.2 s
+    // to 2.3 s, so every renewal attempt in that window fails.
+    let outage = {
+        let state = Arc::clone(&w.tokens.state);
+        tokio::spawn(async move {
+            tokio::time::sleep_until((t0 + Duration::from_millis(1200)).into()).await;
+            state.set_mode(Mode::Fail(503));
+            tokio::time::sleep_until((t0 + Duration::from_millis(2300)).into()).await;
+            state.set_mode(Mode::Issue(3.0));
+        })
+    };
+    let mut failures = Vec::new();
+    while t0.elapsed() < Duration::from_millis(3600) {
+        let r = client.get("http://api.test/").send().await.unwrap();
+        if r.status() != 200 {
+            failures.push((t0.elapsed(), r.status()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    outage.await.unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(w.tokens.state.count() >= 3, "the outage saw renewal attempts");
+    app.shutdown().await;
+}

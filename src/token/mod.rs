@@ -86,6 +86,11 @@ impl Token {
         now < self.usable_until
     }
 
+    /// When the token stops being sent (expiry minus the skew).
+    pub fn usable_until(&self) -> Instant {
+        self.usable_until
+    }
+
     pub fn expires_at(&self) -> Instant {
         self.expires_at
     }

@@ -170,6 +170,10 @@ pub async fn run(
                 if let Some(ra) = error.retry_after() {
                     // Honour the server's Retry-After, within our own cap.
                     delay = delay.max(ra.min(policy.retry_max));
+                } else if let Some(held) = store.peek() {
+                    // A short outage must not outlast the token in hand just
+                    // because the backoff overshot its end.
+                    delay = before_unusable(delay, held.usable_until(), Instant::now());
                 }
                 tracing::warn!(
                     profile = %store.profile(),
@@ -219,6 +223,19 @@ fn same_token_lifetime(
             .min(h.expires_at().saturating_duration_since(sent)),
         None => parsed.lifetime,
     }
+}
+
+/// The retry delay, brought forward so that a retry still happens while the
+/// token in hand is usable: up to half a second before `until`, never sooner
+/// than 50 ms from now. Unchanged when the retry already comes in time or
+/// the token is no longer usable.
+fn before_unusable(delay: Duration, until: Instant, now: Instant) -> Duration {
+    let left = until.saturating_duration_since(now);
+    if left.is_zero() || delay < left {
+        return delay;
+    }
+    let early = (left / 2).min(Duration::from_millis(500));
+    (left - early).max(Duration::from_millis(50))
 }
 
 #[cfg(test)]
@@ -298,5 +315,22 @@ mod tests {
         t.refresh_fraction = 0.75;
         t.retry_max = secs(0.1);
         assert!(Policy::try_new(&t).is_err());
+    }
+
+    #[test]
+    fn retries_are_brought_forward_before_the_held_token_runs_out() {
+        use super::before_unusable;
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // In time already: unchanged.
+        assert_eq!(before_unusable(ms(800), now + s(2), now), ms(800));
+        // Would overshoot: half a second before the end.
+        assert_eq!(before_unusable(s(4), now + s(2), now), ms(1500));
+        // Little time left: half of it, but not sooner than 50 ms.
+        assert_eq!(before_unusable(s(4), now + ms(400), now), ms(200));
+        assert_eq!(before_unusable(s(4), now + ms(60), now), ms(50));
+        // Already unusable: normal backoff.
+        assert_eq!(before_unusable(s(4), now, now), s(4));
     }
 }
