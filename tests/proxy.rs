@@ -845,6 +845,9 @@ async fn short_outage_before_expiry_costs_no_request() {
     }
     outage.await.unwrap();
     assert!(failures.is_empty(), "{failures:?}");
-    assert!(w.tokens.state.count() >= 3, "the outage saw renewal attempts");
+    assert!(
+        w.tokens.state.count() >= 3,
+        "the outage saw renewal attempts"
+    );
     app.shutdown().await;
 }
