@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -272,6 +272,9 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// by the task that serves it.
 struct Activity {
     state: Mutex<ActivityState>,
+    /// Mirrors `phase == Idle`, so that reads, the common case, skip the
+    /// lock unless they end an idle spell.
+    idle: AtomicBool,
     proto: AtomicU8,
     changed: Notify,
 }
@@ -284,6 +287,7 @@ impl Activity {
                 in_flight: 0,
                 tunnel: false,
             }),
+            idle: AtomicBool::new(false),
             proto: AtomicU8::new(PROTO_UNKNOWN),
             changed: Notify::new(),
         }
@@ -310,12 +314,13 @@ impl Activity {
         }
         // HTTP/2 frames between streams (pings, settings) are not a request
         // head; its connections stay idle until a stream opens.
-        if proto == PROTO_H2 {
+        if proto == PROTO_H2 || !self.idle.load(Ordering::Acquire) {
             return;
         }
         let mut s = self.lock();
         if let Phase::Idle(_) = s.phase {
             s.phase = Phase::Head(Instant::now());
+            self.idle.store(false, Ordering::Release);
             drop(s);
             self.changed.notify_one();
         }
@@ -326,8 +331,10 @@ impl Activity {
         let mut s = self.lock();
         s.in_flight += 1;
         s.phase = Phase::Busy;
+        self.idle.store(false, Ordering::Release);
         drop(s);
-        self.changed.notify_one();
+        // No wake-up: the watcher finds the connection busy when its current
+        // deadline passes, and a busy connection has no deadline to shorten.
         BusyGuard {
             activity: Arc::clone(self),
         }
@@ -343,6 +350,7 @@ impl Activity {
         s.in_flight = s.in_flight.saturating_sub(1);
         if s.in_flight == 0 && !s.tunnel {
             s.phase = Phase::Idle(Instant::now());
+            self.idle.store(true, Ordering::Release);
             drop(s);
             self.changed.notify_one();
         }
