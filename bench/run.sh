@@ -81,73 +81,16 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS=$ROOT/bench/results/$STAMP-$MODE
 CLK_TCK=$(getconf CLK_TCK)
 
-exec 3>&2 # the script's own stderr, for messages from any context (traps included)
-log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&3; }
-die() { log "FAILED: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$BENCH_DIR/lib.sh"
 
 # ---------------------------------------------------------------- processes
-
-PIDS=()      # every background process we started, in start order
-BUSY_PIDS=()
-POLICY_CREATED=0
-TMP=
-
-track() { PIDS+=("$1"); }
-
-# Runs a long command in the background and waits for it, so that a signal to
-# this script is handled at once (bash defers traps while a foreground command
-# runs) and cleanup can stop the command too.
-FG_PID=
-run_waiting() { # output-file|- command...
-    local rc=0 out=$1
-    shift
-    if [[ $out == - ]]; then "$@" & else "$@" >"$out" 2>&1 & fi
-    FG_PID=$!
-    wait "$FG_PID" || rc=$?
-    FG_PID=
-    return "$rc"
-}
 
 untrack() { # pid: forget a process that has been stopped (its pid may be reused)
     local keep=() p
     for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
     PIDS=("${keep[@]}")
 }
-
-stop_pid() { # pid...: SIGTERM, up to 5 s, then SIGKILL
-    local pid alive i
-    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for ((i = 0; i < 50; i++)); do
-        alive=0
-        for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        ((alive)) || break
-        sleep 0.1
-    done
-    for pid in "$@"; do kill -KILL "$pid" 2>/dev/null || true; done
-    for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if [[ -n $FG_PID ]]; then stop_pid "$FG_PID"; fi
-    if ((${#BUSY_PIDS[@]})); then stop_pid "${BUSY_PIDS[@]}"; fi
-    local rev=() i
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do rev+=("${PIDS[i]}"); done
-    if ((${#rev[@]})); then stop_pid "${rev[@]}"; fi
-    ((POLICY_CREATED)) && rm -f /usr/sbin/policy-rc.d
-    if [[ -n $TMP && -d $TMP ]]; then
-        if [[ $KEEP_TMP == 1 || $rc != 0 ]]; then
-            log "temporary files kept in $TMP"
-        else
-            rm -rf "$TMP"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
 # ------------------------------------------------------------------- set-up
 
@@ -181,27 +124,6 @@ ensure_packages() {
             service "$svc" stop >/dev/null 2>&1 || true
         fi
     done
-}
-
-check_ports() {
-    local p
-    for p in "$@"; do
-        if [[ -n $(ss -Htln "sport = :$p" 2>/dev/null) ]]; then
-            die "port $p on this machine is in use; set PORT_BASE to move the bench's ports"
-        fi
-    done
-}
-
-build() {
-    if [[ -n ${TI_BIN:-} ]]; then
-        [[ -x $TI_BIN ]] || die "TI_BIN=$TI_BIN is not an executable"
-        log "using TI_BIN=$TI_BIN"
-        return
-    fi
-    log "building token-injector (cargo build --release --locked)"
-    run_waiting - bash -c 'cd "$1" && exec cargo build --release --locked --quiet' _ "$ROOT" || die "cargo build"
-    TI_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/token-injector
-    [[ -x $TI_BIN ]] || die "no binary at $TI_BIN"
 }
 
 make_fixtures() {
@@ -259,25 +181,8 @@ render() { # template output
     if grep -q '@[A-Z_]*@' "$2"; then die "unfilled placeholder in $2"; fi
 }
 
-wait_until() { # seconds description command...
-    local secs=$1 what=$2 i
-    shift 2
-    for ((i = 0; i < secs * 20; i++)); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.05
-    done
-    die "$what: not ready after ${secs}s"
-}
-
 http_code() { # curl args... -> status code on stdout
     curl -s -o /dev/null -w '%{http_code}' --max-time 10 "$@" || true
-}
-
-expect_code() { # expected description curl-args...
-    local want=$1 what=$2 got
-    shift 2
-    got=$(http_code "$@")
-    [[ $got == "$want" ]] || die "$what: HTTP $got, expected $want"
 }
 
 start_upstream() {
@@ -451,7 +356,6 @@ start_busy() {
 
 stop_busy() {
     if ((${#BUSY_PIDS[@]})); then stop_pid "${BUSY_PIDS[@]}"; fi
-    BUSY_PIDS=()
 }
 
 lines() { wc -l <"$1"; }
