@@ -33,6 +33,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Config;
+use crate::head::{Fed, Refusal, Scan};
 use crate::proxy::{self, Entry, Proxy};
 
 /// Client-side limits, from `[proxy]` and `upstream.body_idle_timeout`.
@@ -166,7 +167,7 @@ pub async fn accept_loop(
                     };
                     let _ = stream.set_nodelay(true);
                     let activity = Arc::new(Activity::new());
-                    let io = TrackedIo { inner: stream, activity: Arc::clone(&activity) };
+                    let io = TrackedIo { inner: stream, activity: Arc::clone(&activity), head: Some(Scan::new()) };
                     let service = service(Arc::clone(&proxy), Arc::clone(&entry), Arc::clone(&activity), limits.request_timeout, limits.body_idle_timeout);
                     let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
                     let conn = graceful.watch(conn);
@@ -228,7 +229,13 @@ fn service(
         let proxy = proxy.load_full();
         let entry = Arc::clone(&entry);
         let busy = activity.busy();
+        let refused = activity.take_refusal();
         async move {
+            if let Some(why) = refused {
+                let response =
+                    proxy.refuse(proxy::Error::new(proxy::Kind::BadRequest, why.message()));
+                return Ok(response.map(|body| Tracked::new(body, busy, body_idle)));
+            }
             let connect = req.method() == Method::CONNECT;
             let response = proxy.handle(&entry, req, deadline).await;
             if connect && response.status().is_success() {
@@ -276,6 +283,9 @@ struct Activity {
     /// lock unless they end an idle spell.
     idle: AtomicBool,
     proto: AtomicU8,
+    /// A [`Refusal`] found in the head being read, for the request it
+    /// belongs to (0: none).
+    refusal: AtomicU8,
     changed: Notify,
 }
 
@@ -289,6 +299,7 @@ impl Activity {
             }),
             idle: AtomicBool::new(false),
             proto: AtomicU8::new(PROTO_UNKNOWN),
+            refusal: AtomicU8::new(0),
             changed: Notify::new(),
         }
     }
@@ -323,6 +334,23 @@ impl Activity {
             self.idle.store(false, Ordering::Release);
             drop(s);
             self.changed.notify_one();
+        }
+    }
+
+    fn refuse(&self, why: Refusal) {
+        let code = match why {
+            Refusal::ContentLengthWithTransferEncoding => 1,
+            Refusal::BareLf => 2,
+        };
+        self.refusal.store(code, Ordering::Relaxed);
+    }
+
+    /// The refusal found in the head of the request now being served.
+    fn take_refusal(&self) -> Option<Refusal> {
+        match self.refusal.swap(0, Ordering::Relaxed) {
+            1 => Some(Refusal::ContentLengthWithTransferEncoding),
+            2 => Some(Refusal::BareLf),
+            _ => None,
         }
     }
 
@@ -394,10 +422,13 @@ impl Drop for BusyGuard {
     }
 }
 
-/// The client's socket, reporting reads to the connection's [`Activity`].
+/// The client's socket, reporting reads to the connection's [`Activity`]
+/// and checking HTTP/1 request heads hyper would accept but we refuse.
 struct TrackedIo {
     inner: TcpStream,
     activity: Arc<Activity>,
+    /// Scanning a request head (from its first byte to its blank line).
+    head: Option<Scan>,
 }
 
 impl AsyncRead for TrackedIo {
@@ -410,7 +441,25 @@ impl AsyncRead for TrackedIo {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
-            this.activity.on_read(&buf.filled()[before..]);
+            let read = &buf.filled()[before..];
+            // Bytes read while no request is in flight start a new head.
+            let new_head = this.activity.idle.load(Ordering::Acquire);
+            this.activity.on_read(read);
+            if this.activity.proto.load(Ordering::Relaxed) == PROTO_H1 {
+                if new_head {
+                    this.head.get_or_insert_with(Scan::new);
+                }
+                if let Some(scan) = &mut this.head
+                    && let Fed::Ended(verdict) = scan.feed(read)
+                {
+                    this.head = None;
+                    if let Some(why) = verdict {
+                        this.activity.refuse(why);
+                    }
+                }
+            } else {
+                this.head = None;
+            }
         }
         polled
     }

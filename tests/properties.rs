@@ -1002,3 +1002,64 @@ profile = "missing"
         );
     }
 }
+
+/// A request head made of header lines, some of which may be the framing
+/// headers or end in a bare LF.
+fn request_head() -> impl Strategy<Value = (Vec<u8>, bool, bool)> {
+    let line = prop_oneof![
+        Just(("Content-Length: 4".to_string(), 1u8)),
+        Just(("transfer-encoding: chunked".to_string(), 2u8)),
+        "[A-Za-z-]{1,20}: [ -~]{0,30}".prop_map(|l| (l, 0u8)),
+    ];
+    (proptest::collection::vec((line, any::<bool>()), 0..12)).prop_map(|lines| {
+        let mut head = b"POST / HTTP/1.1\r\n".to_vec();
+        let (mut cl, mut te, mut bare) = (false, false, false);
+        for ((text, kind), lf_only) in lines {
+            // Names that only look like the framing headers do not count.
+            let lower = text.to_ascii_lowercase();
+            cl |= kind == 1 || lower.starts_with("content-length:");
+            te |= kind == 2 || lower.starts_with("transfer-encoding:");
+            bare |= lf_only;
+            head.extend_from_slice(text.as_bytes());
+            head.extend_from_slice(if lf_only { b"\n" } else { b"\r\n" });
+        }
+        head.extend_from_slice(b"\r\n");
+        (head, cl && te, bare)
+    })
+}
+
+proptest! {
+    #![proptest_config(cases(256))]
+
+    /// The wire-level head check finds both framings and bare LF however
+    /// the head is split across reads, and nothing else.
+    #[test]
+    fn head_scan_verdict_is_split_invariant((head, both, bare) in request_head(), split in any::<prop::sample::Index>()) {
+        use token_injector::head::{Fed, Refusal, Scan};
+        let want = if both {
+            Some(Refusal::ContentLengthWithTransferEncoding)
+        } else if bare {
+            Some(Refusal::BareLf)
+        } else {
+            None
+        };
+        prop_assert_eq!(Scan::new().feed(&head), Fed::Ended(want));
+        let at = split.index(head.len());
+        let mut s = Scan::new();
+        let first = s.feed(&head[..at]);
+        let verdict = match first {
+            Fed::Ended(v) => v,
+            Fed::More => match s.feed(&head[at..]) {
+                Fed::Ended(v) => v,
+                Fed::More => panic!("head did not end"),
+            },
+        };
+        prop_assert_eq!(verdict, want);
+    }
+
+    /// Arbitrary bytes never panic the head check.
+    #[test]
+    fn head_scan_arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let _ = token_injector::head::Scan::new().feed(&bytes);
+    }
+}

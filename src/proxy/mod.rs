@@ -190,6 +190,22 @@ impl Proxy {
         response
     }
 
+    /// Answers a request refused before routing (a bad head found by the
+    /// connection), counted like any unrouted answer. The connection closes
+    /// after it: what follows such a head cannot be trusted to be framed.
+    pub fn refuse(&self, error: Error) -> Response<Body> {
+        let mut response = error.into_response();
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        self.unrouted.observe(response.status().as_u16(), 0.0);
+        tracing::debug!(
+            status = response.status().as_u16(),
+            "request refused before routing"
+        );
+        response
+    }
+
     /// Where a request goes, decided before anything waits.
     fn resolve(&self, entry: &Entry, req: &Request<Incoming>) -> Result<Resolved, Error> {
         if req.method() == Method::CONNECT {
