@@ -182,7 +182,7 @@ def cell_rows(runs, mode):
     cells = group([r for r in runs if r["mode"] == mode])
     def order(k):
         shape, body, conns, label = k[1:]
-        return (shape != "origin", body, conns, SUBJECT_ORDER.get(label, 9), label)
+        return (shape not in ("origin", "h2"), body, conns, SUBJECT_ORDER.get(label, 9), label)
     for key in sorted(cells, key=order):
         rs = cells[key]
         _, shape, body, conns, label = key
@@ -328,6 +328,7 @@ def main():
 
     summary = summarise(runs)
     rat = ratios(runs)
+    rat += ratios(runs, mode="h2")
     scale, mem = scale_rows(runs, meta)
 
     out = []
@@ -362,6 +363,15 @@ def main():
         if conn_rat:
             out += ["", "== token-injector ÷ peer, connections sweep ==",
                     table(RATIO_HEADERS, ratio_rows(conn_rat))]
+    if any(r["mode"] == "h2" for r in runs):
+        out += ["", "== HTTP/2 and gRPC (h2c in, HTTP/2 over TLS out; h2load; "
+                "shape = scenario, conns = concurrent streams over "
+                f"{meta.get('h2_clients', '?')} connections) ==",
+                table(CELL_HEADERS, cell_rows(runs, "h2"))]
+        h2_rat = ratios(runs, mode="h2")
+        if h2_rat:
+            out += ["", "== token-injector ÷ peer, HTTP/2 and gRPC ==",
+                    table(RATIO_HEADERS, ratio_rows(h2_rat))]
     tls = {}
     for r in runs:
         for item in r["upstream_tls"].split():

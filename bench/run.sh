@@ -3,6 +3,7 @@
 #
 #   bash bench/run.sh            compare: 3 subjects + direct, 2 shapes, 2 bodies, 16/128 connections
 #   bash bench/run.sh scale      1 / 100 / 10,000 routes and profiles; 16 -> 1,024 connections
+#   bash bench/run.sh h2         HTTP/2 and unary gRPC: h2c in, HTTP/2 over TLS out (h2load; nginx grpc_pass)
 #   QUICK=1 bash bench/run.sh    smoke test: 2 s runs, 1 round
 #
 # Everything runs on 127.0.0.1 from a temporary directory; every process this
@@ -10,7 +11,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     cat <<'EOF'
 
 Environment (defaults in brackets):
@@ -24,6 +25,9 @@ Environment (defaults in brackets):
   SCALE_COUNTS  route/profile counts of the scale mode ["1 100 10000"]
   SCALE_CONNS   connections for the route-count runs [128]
   SWEEP_CONNS   connection counts of the scale mode ["16 64 256 1024"; QUICK: "16 1024"]
+  H2_SCENARIOS  h2 mode: "h2" (GET /1k) and "grpc" (unary call, 1 KiB answer) ["h2 grpc"]
+  H2_CLIENTS    h2 mode: h2load connections [16]
+  H2_STREAMS    h2 mode: concurrent streams per connection ["1 8"]
   PROXY_CPU     CPU of the subject [1]     LOAD_CPU  CPU of wrk and the upstream [0]
   BUSY          1: an idle-priority busy loop per CPU during measured runs [1]
   PORT_BASE     first port used on 127.0.0.1 [18400]
@@ -35,7 +39,7 @@ EOF
 
 MODE=${1:-compare}
 case $MODE in
-    compare | scale) ;;
+    compare | scale | h2) ;;
     -h | --help | help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
 esac
@@ -57,6 +61,9 @@ SHAPES=${SHAPES:-"origin absolute"}
 SUBJECTS=${SUBJECTS:-"token-injector nginx haproxy direct"}
 SCALE_COUNTS=${SCALE_COUNTS:-"1 100 10000"}
 SCALE_CONNS=${SCALE_CONNS:-128}
+H2_SCENARIOS=${H2_SCENARIOS:-"h2 grpc"}
+H2_CLIENTS=${H2_CLIENTS:-16}
+H2_STREAMS=${H2_STREAMS:-"1 8"}
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 BUSY=${BUSY:-1}
@@ -67,6 +74,10 @@ UPSTREAM_HOST=${UPSTREAM_HOST:-localhost}
 UPSTREAM_PORT=$((PORT_BASE + 43))
 TOKEN_PORT=$((PORT_BASE + 44))
 COLD_TOKEN_PORT=$((PORT_BASE + 45))
+UPSTREAM_H2_PORT=$((PORT_BASE + 46))
+TI_H2_PORT=$((PORT_BASE + 12))
+NGINX_H2_PORT=$((PORT_BASE + 21))
+HAPROXY_H2_PORT=$((PORT_BASE + 31))
 TI_PROXY_PORT=$((PORT_BASE + 10))
 TI_ROUTE_PORT=$((PORT_BASE + 11))
 TI_ADMIN_PORT=$((PORT_BASE + 19))
@@ -102,6 +113,7 @@ ensure_packages() {
     command -v openssl >/dev/null || missing+=(openssl)
     command -v curl >/dev/null || missing+=(curl)
     command -v python3 >/dev/null || missing+=(python3)
+    [[ $MODE == h2 ]] && { command -v h2load >/dev/null && command -v nghttp >/dev/null || missing+=(nghttp2-client); }
     if ((${#missing[@]})); then
         log "installing ${missing[*]}"
         # Keep the packages' maintainer scripts from starting the Debian
@@ -163,6 +175,12 @@ EOF
         openssl rand -base64 2048 | tr -d '\n' | head -c 1024 >www/1k
         openssl rand -base64 $((64 * 1024)) | tr -d '\n' | head -c $((64 * 1024)) >www/64k
         echo "bench-client-secret" >client-secret
+        # gRPC messages: a 5-byte prefix (not compressed, big-endian length),
+        # then the message. The answer of /bench.Echo/Unary and a 100-byte request.
+        mkdir -p www/bench.Echo
+        python3 -c 'import os, struct, sys
+for path, n in (("www/bench.Echo/Unary", 1024), ("grpc-request", 100)):
+    open(path, "wb").write(b"\0" + struct.pack(">I", n) + os.urandom(n))'
     ) || die "making certificates and bodies"
     # A ~900-byte opaque access token (base64url characters, not a JWT).
     TOKEN=$(openssl rand -base64 800 | tr -d '\n=' | tr '+/' '-_' | head -c 900)
@@ -174,6 +192,8 @@ EOF
 render() { # template output
     sed -e "s|@TMP@|$TMP|g" -e "s|@TOKEN@|$TOKEN|g" \
         -e "s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" -e "s|@UPSTREAM_HOST@|$UPSTREAM_HOST|g" -e "s|@TOKEN_PORT@|$TOKEN_PORT|g" \
+        -e "s|@UPSTREAM_H2_PORT@|$UPSTREAM_H2_PORT|g" -e "s|@TI_H2_PORT@|$TI_H2_PORT|g" \
+        -e "s|@NGINX_H2_PORT@|$NGINX_H2_PORT|g" -e "s|@HAPROXY_H2_PORT@|$HAPROXY_H2_PORT|g" \
         -e "s|@NGINX_PORT@|$NGINX_PORT|g" -e "s|@HAPROXY_PORT@|$HAPROXY_PORT|g" \
         -e "s|@TI_PROXY_PORT@|$TI_PROXY_PORT|g" -e "s|@TI_ROUTE_PORT@|$TI_ROUTE_PORT|g" \
         -e "s|@TI_ADMIN_PORT@|$TI_ADMIN_PORT|g" -e "s|@USER@|$(id -un)|g" \
@@ -196,6 +216,10 @@ start_upstream() {
     expect_code 401 "upstream without a token" --cacert "$TMP/ca.pem" "https://localhost:$UPSTREAM_PORT/1k"
     expect_code 401 "upstream with a wrong token" --cacert "$TMP/ca.pem" \
         -H "Authorization: Bearer x$TOKEN" "https://localhost:$UPSTREAM_PORT/1k"
+    expect_code 200 "HTTP/2 upstream" --http2 --cacert "$TMP/ca.pem" \
+        -H "Authorization: Bearer $TOKEN" "https://localhost:$UPSTREAM_H2_PORT/1k"
+    expect_code 401 "HTTP/2 upstream without a token" --http2 --cacert "$TMP/ca.pem" \
+        "https://localhost:$UPSTREAM_H2_PORT/1k"
     expect_code 200 "token endpoint" --cacert "$TMP/ca.pem" -d grant_type=client_credentials \
         "https://localhost:$TOKEN_PORT/token"
     : >"$TMP/token.log"
@@ -249,34 +273,72 @@ start_token_injector() { # name config route-port proxy-port admin-port profiles
     SUBJ_PROXY[$name]=http://127.0.0.1:$pport
 }
 
-start_nginx_subject() {
-    local master worker
-    render "$BENCH_DIR/conf/nginx-proxy.conf" "$TMP/nginx-proxy.conf"
-    taskset -c "$PROXY_CPU" nginx -e "$TMP/nginx-proxy-error.log" -c "$TMP/nginx-proxy.conf" \
+# The h2 mode's subjects take h2c (HTTP/2 with prior knowledge) on their own port.
+start_nginx_subject() { # [conf port curl-args...]
+    local conf=${1:-nginx-proxy} port=${2:-$NGINX_PORT} master worker
+    shift 2 || shift $#
+    render "$BENCH_DIR/conf/$conf.conf" "$TMP/$conf.conf"
+    taskset -c "$PROXY_CPU" nginx -e "$TMP/$conf-error.log" -c "$TMP/$conf.conf" \
         -g 'daemon off;' >"$TMP/logs/nginx.out" 2>&1 &
     master=$!
     track "$master"
-    wait_until 10 "nginx subject" curl -sf "http://127.0.0.1:$NGINX_PORT/1k"
+    wait_until 10 "nginx subject" curl -sf "$@" "http://127.0.0.1:$port/1k"
     worker=$(pgrep -P "$master" | head -n1)
     [[ -n $worker ]] || die "nginx subject: no worker process"
     SUBJ_PIDS[nginx]="$master $worker"
     SUBJ_MAIN[nginx]=$worker
-    SUBJ_ORIGIN[nginx]=http://127.0.0.1:$NGINX_PORT
-    SUBJ_PROXY[nginx]=http://127.0.0.1:$NGINX_PORT
+    SUBJ_ORIGIN[nginx]=http://127.0.0.1:$port
+    SUBJ_PROXY[nginx]=http://127.0.0.1:$port
 }
 
-start_haproxy_subject() {
-    local pid
-    render "$BENCH_DIR/conf/haproxy.cfg" "$TMP/haproxy.cfg"
-    haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy config check"
-    taskset -c "$PROXY_CPU" haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/logs/haproxy.out" 2>&1 &
+start_haproxy_subject() { # [conf port curl-args...]
+    local conf=${1:-haproxy} port=${2:-$HAPROXY_PORT} pid
+    shift 2 || shift $#
+    render "$BENCH_DIR/conf/$conf.cfg" "$TMP/$conf.cfg"
+    haproxy -c -q -f "$TMP/$conf.cfg" || die "haproxy config check"
+    taskset -c "$PROXY_CPU" haproxy -db -f "$TMP/$conf.cfg" >"$TMP/logs/haproxy.out" 2>&1 &
     pid=$!
     track "$pid"
-    wait_until 10 "haproxy subject" curl -sf "http://127.0.0.1:$HAPROXY_PORT/1k"
+    wait_until 10 "haproxy subject" curl -sf "$@" "http://127.0.0.1:$port/1k"
     SUBJ_PIDS[haproxy]=$pid
     SUBJ_MAIN[haproxy]=$pid
-    SUBJ_ORIGIN[haproxy]=http://127.0.0.1:$HAPROXY_PORT
-    SUBJ_PROXY[haproxy]=http://127.0.0.1:$HAPROXY_PORT
+    SUBJ_ORIGIN[haproxy]=http://127.0.0.1:$port
+    SUBJ_PROXY[haproxy]=http://127.0.0.1:$port
+}
+
+start_h2_subject() { # name
+    case $1 in
+        token-injector)
+            render "$BENCH_DIR/conf/token-injector-h2.toml" "$TMP/token-injector-h2.toml"
+            "$TI_BIN" check --config "$TMP/token-injector-h2.toml" >/dev/null || die "token-injector check"
+            start_token_injector token-injector "$TMP/token-injector-h2.toml" \
+                "$TI_H2_PORT" "$TI_PROXY_PORT" "$TI_ADMIN_PORT" 1
+            ;;
+        nginx) start_nginx_subject nginx-grpc "$NGINX_H2_PORT" --http2-prior-knowledge ;;
+        haproxy) start_haproxy_subject haproxy-h2 "$HAPROXY_H2_PORT" --http2-prior-knowledge ;;
+        direct) return ;;
+        *) die "unknown subject $1" ;;
+    esac
+    verify_h2_subject "$1"
+    record_idle "$1"
+}
+
+# Over h2c: GET /1k gives the whole body, and the gRPC call gives its whole
+# answer and the trailer grpc-status: 0 (the upstream says 401 without the token).
+verify_h2_subject() { # name
+    local name=$1 url=${SUBJ_ORIGIN[$1]} got
+    expect_code 200 "$name h2c /1k" --http2-prior-knowledge "$url/1k"
+    got=$(curl -s --max-time 10 --http2-prior-knowledge "$url/1k" | wc -c)
+    [[ $got == 1024 ]] || die "$name h2c /1k: $got bytes, expected 1024"
+    # curl does not show HTTP/2 trailers; nghttp (h2c with prior knowledge for http://) does.
+    timeout 10 nghttp -v -d "$TMP/grpc-request" -H 'content-type: application/grpc' -H 'te: trailers' \
+        "$url/bench.Echo/Unary" >"$TMP/grpc-verbose" 2>&1 || die "$name gRPC call: nghttp failed"
+    grep -aq ':status: 200' "$TMP/grpc-verbose" || die "$name gRPC call: not 200 (see $TMP/grpc-verbose)"
+    grep -aq 'grpc-status: 0' "$TMP/grpc-verbose" || die "$name gRPC call: no grpc-status: 0 trailer (see $TMP/grpc-verbose)"
+    timeout 10 nghttp -d "$TMP/grpc-request" -H 'content-type: application/grpc' -H 'te: trailers' \
+        "$url/bench.Echo/Unary" >"$TMP/grpc-answer" 2>/dev/null || die "$name gRPC call: nghttp failed"
+    cmp -s "$TMP/grpc-answer" "$TMP/www/bench.Echo/Unary" || die "$name gRPC call: wrong answer"
+    log "$name: h2c $url answers GET /1k and the gRPC call (grpc-status 0) with the token"
 }
 
 start_subject() { # name
@@ -360,8 +422,9 @@ stop_busy() {
 
 lines() { wc -l <"$1"; }
 
+POOL_PORT=$UPSTREAM_PORT # the upstream port whose connections count as the pool
 pool_conns() { # pid -> established TCP connections from that process to the upstream
-    ss -Htnp state established "( dport = :$UPSTREAM_PORT )" 2>/dev/null | grep -c "pid=$1," || true
+    ss -Htnp state established "( dport = :$POOL_PORT )" 2>/dev/null | grep -c "pid=$1," || true
 }
 
 # ------------------------------------------------------------------ measure
@@ -376,12 +439,42 @@ run_wrk() { # seconds conns url shape body auth -> wrk output in $TMP/wrk.out
         --timeout 10s -s "$BENCH_DIR/wrk.lua" "$url/"
 }
 
+# h2 mode: conns = concurrent streams = H2_CLIENTS connections x streams each.
+run_h2load() { # seconds conns url scenario auth -> h2load output in $TMP/h2load.out, log in $TMP/h2load.log
+    local secs=$1 conns=$2 url=$3 scenario=$4 auth=$5 args=()
+    args=(-c "$H2_CLIENTS" -m $((conns / H2_CLIENTS)) -t 1 -D "$secs" --log-file "$TMP/h2load.log")
+    [[ -n $auth ]] && args+=(-H "authorization: $auth")
+    case $scenario in
+        h2) url=$url/1k ;;
+        grpc)
+            url=$url/bench.Echo/Unary
+            args+=(-d "$TMP/grpc-request" -H 'content-type: application/grpc' -H 'te: trailers')
+            ;;
+    esac
+    run_waiting "$TMP/h2load.out" taskset -c "$LOAD_CPU" h2load "${args[@]}" "$url"
+}
+
+run_load() { # seconds conns url shape body auth
+    if [[ $MODE == h2 ]]; then run_h2load "$1" "$2" "$3" "$4" "$6"; else run_wrk "$@"; fi
+}
+
+load_json() { # the last run's figures, as wrk.lua's JSON line
+    if [[ $MODE == h2 ]]; then
+        python3 "$BENCH_DIR/h2load.py" "$TMP/h2load.out" "$TMP/h2load.log"
+    else
+        sed -n 's/^BENCHJSON //p' "$TMP/wrk.out"
+    fi
+}
+
+load_output() { if [[ $MODE == h2 ]]; then cat "$TMP/h2load.out"; else cat "$TMP/wrk.out"; fi; }
+
 # One measured run of one subject: warm-up, then DURATION seconds of load.
 measure() { # mode round shape body conns subject [label]
     local mode=$1 round=$2 shape=$3 body=$4 conns=$5 subject=$6 label=${7:-$6}
     local url auth='' pids=() main=''
     if [[ $subject == direct ]]; then
         url=https://localhost:$UPSTREAM_PORT
+        [[ $MODE == h2 ]] && url=https://localhost:$UPSTREAM_H2_PORT
         auth="Bearer $TOKEN"
     else
         if [[ $shape == absolute ]]; then url=${SUBJ_PROXY[$label]}; else url=${SUBJ_ORIGIN[$label]}; fi
@@ -394,7 +487,7 @@ measure() { # mode round shape body conns subject [label]
     local pool_before=null pool_after=null
     [[ -n $main ]] && pool_before=$(pool_conns "$main")
     if ((WARMUP > 0)); then
-        run_wrk "$WARMUP" "$conns" "$url" "$shape" "$body" "$auth" || die "wrk warm-up: $(<"$TMP/wrk.out")"
+        run_load "$WARMUP" "$conns" "$url" "$shape" "$body" "$auth" || die "warm-up: $(load_output)"
         warm_new=$(($(lines "$TMP/upstream-conn.log") - warm_conn0))
     fi
 
@@ -403,18 +496,18 @@ measure() { # mode round shape body conns subject [label]
     tok0=$(lines "$TMP/token.log")
     conn0=$(lines "$TMP/upstream-conn.log")
     ((${#pids[@]})) && cpu0=$(cpu_ticks "${pids[@]}")
-    run_wrk "$DURATION" "$conns" "$url" "$shape" "$body" "$auth" || die "wrk: $(<"$TMP/wrk.out")"
-    out=$(<"$TMP/wrk.out")
+    run_load "$DURATION" "$conns" "$url" "$shape" "$body" "$auth" || die "load: $(load_output)"
+    out=$(load_output)
     ((${#pids[@]})) && cpu1=$(cpu_ticks "${pids[@]}")
     conn1=$(lines "$TMP/upstream-conn.log")
     tok1=$(lines "$TMP/token.log")
-    json=$(sed -n 's/^BENCHJSON //p' <<<"$out")
+    json=$(load_json) || die "reading the load generator's figures"
     # Protocol and cipher of the upstream connections opened in warm-up and run.
     local tls
     tls=$(tail -n +$((warm_conn0 + 1)) "$TMP/upstream-conn.log" | awk '
         { n[$2 "/" $3]++ }
         END { s = ""; for (k in n) { s = s (s == "" ? "" : ",") "\"" k "\":" n[k] }; print "{" s "}" }')
-    [[ -n $json ]] || die "no BENCHJSON line from wrk: $out"
+    [[ -n $json ]] || die "no figures from the load generator: $out"
 
     local hwm=null rss=null threads=null idle_rss=null idle_threads=null
     if [[ -n $main ]]; then
@@ -468,14 +561,14 @@ write_meta() {
     {
         printf '{"mode":"%s","stamp":"%s","quick":%s,"duration_s":%d,"warmup_s":%d,"rounds":%d,' \
             "$MODE" "$STAMP" "$QUICK" "$DURATION" "$WARMUP" "$ROUNDS"
-        printf '"proxy_cpu":%d,"load_cpu":%d,"busy_loops":%d,"token_bytes":%d,' \
-            "$PROXY_CPU" "$LOAD_CPU" "$BUSY" "${#TOKEN}"
+        printf '"proxy_cpu":%d,"load_cpu":%d,"busy_loops":%d,"token_bytes":%d,"h2_clients":%d,' \
+            "$PROXY_CPU" "$LOAD_CPU" "$BUSY" "${#TOKEN}" "$H2_CLIENTS"
         printf '"git":"%s","ti_bin":"%s","kernel":"%s","cpu":"%s",' \
             "$(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo unknown)" "$TI_BIN" \
             "$(uname -r)" "$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
         printf '"versions":{"nginx":"%s","haproxy":"%s","wrk":"%s","token_injector":"%s"},' \
             "$(nginx -v 2>&1 | sed 's/.*nginx\///')" "$(haproxy -v | awk 'NR==1 {print $3}')" \
-            "$(wrk -v 2>&1 | awk 'NR==1 {print $2}')" "$("$TI_BIN" --version | awk '{print $NF}')"
+            "$(wrk -v 2>&1 | awk 'NR==1 {print $2}')$([[ $MODE == h2 ]] && h2load --version | awk 'NR==1 {print ", h2load " $2}')" "$("$TI_BIN" --version | awk '{print $NF}')"
         printf '"subjects":{'
         for subj in "${!SUBJ_MAIN[@]}"; do
             printf '%s"%s":{"pids":"%s","idle_rss_kib":%s,"threads_idle":%s,"ready_s":%s}' "$extra" \
@@ -592,6 +685,30 @@ mode_scale() {
     stop_busy
 }
 
+mode_h2() {
+    local subj round scenario streams conns
+    POOL_PORT=$UPSTREAM_H2_PORT
+    for subj in $SUBJECTS; do start_h2_subject "$subj"; done
+    write_meta
+    start_busy
+    local runs=0 total
+    total=$((ROUNDS * $(wc -w <<<"$H2_SCENARIOS") * $(wc -w <<<"$H2_STREAMS") * $(wc -w <<<"$SUBJECTS")))
+    log "$total runs of ${WARMUP}+${DURATION} s; $H2_CLIENTS h2c connections, streams each: $H2_STREAMS"
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for scenario in $H2_SCENARIOS; do
+            for streams in $H2_STREAMS; do
+                conns=$((H2_CLIENTS * streams))
+                for subj in $(rotate "$round" $SUBJECTS); do
+                    runs=$((runs + 1))
+                    log "[$runs/$total] round $round $scenario $H2_CLIENTS conns x $streams streams $subj"
+                    measure h2 "$round" "$scenario" 1k "$conns" "$subj"
+                done
+            done
+        done
+    done
+    stop_busy
+}
+
 validate_settings() {
     local v b
     for v in DURATION WARMUP ROUNDS SCALE_CONNS PROXY_CPU LOAD_CPU PORT_BASE; do
@@ -603,7 +720,8 @@ validate_settings() {
     for b in $SUBJECTS; do
         [[ $b =~ ^(token-injector|nginx|haproxy|direct)$ ]] || die "SUBJECTS: unknown subject $b"
     done
-    for b in $CONNS $SWEEP_CONNS $SCALE_COUNTS; do
+    for b in $H2_SCENARIOS; do [[ $b == h2 || $b == grpc ]] || die "H2_SCENARIOS: unknown scenario $b (h2, grpc)"; done
+    for b in $CONNS $SWEEP_CONNS $SCALE_COUNTS $H2_CLIENTS $H2_STREAMS; do
         [[ $b =~ ^[0-9]+$ && $b -gt 0 ]] || die "not a positive count: $b"
     done
     [[ -n $CONNS && -n $BODIES && -n $SHAPES && -n $SUBJECTS ]] || die "empty CONNS, BODIES, SHAPES or SUBJECTS"
@@ -615,7 +733,8 @@ main() {
     ensure_packages
     ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
     check_ports "$UPSTREAM_PORT" "$TOKEN_PORT" "$COLD_TOKEN_PORT" "$TI_PROXY_PORT" "$TI_ROUTE_PORT" \
-        "$TI_ADMIN_PORT" "$NGINX_PORT" "$HAPROXY_PORT" "$COLD_PROXY_PORT" "$COLD_ROUTE_PORT" "$COLD_ADMIN_PORT"
+        "$TI_ADMIN_PORT" "$NGINX_PORT" "$HAPROXY_PORT" "$COLD_PROXY_PORT" "$COLD_ROUTE_PORT" "$COLD_ADMIN_PORT" \
+        "$UPSTREAM_H2_PORT" "$TI_H2_PORT" "$NGINX_H2_PORT" "$HAPROXY_H2_PORT"
     build
     make_fixtures
     mkdir -p "$RESULTS"
