@@ -262,6 +262,7 @@ pub struct ProxyMetrics {
     /// Client connections closed at accept because `proxy.max_connections`
     /// were open.
     pub refused_connections: IntCounter,
+    pub tunnels: TunnelMetrics,
 }
 
 impl ProxyMetrics {
@@ -308,6 +309,7 @@ impl ProxyMetrics {
             ),
             open_connections,
             refused_connections,
+            tunnels: TunnelMetrics::register(r),
         }
     }
 
@@ -375,6 +377,60 @@ impl RouteMetrics {
     }
 }
 
+/// CONNECT tunnels and upgraded connections (WebSocket). Fixed label
+/// values only: never the destination, which the client chooses.
+#[derive(Clone)]
+pub struct TunnelMetrics {
+    /// CONNECT requests answered 200: the destination was allowed and reached.
+    pub connect_allowed: IntCounter,
+    /// CONNECT requests refused by policy (403 `no_route`) or malformed (400).
+    pub connect_refused: IntCounter,
+    /// Allowed CONNECT requests whose destination could not be reached.
+    pub connect_failed: IntCounter,
+    pub open_connect: IntGauge,
+    pub open_upgrade: IntGauge,
+}
+
+impl TunnelMetrics {
+    fn register(r: &Registry) -> Self {
+        let connects = counter_vec(
+            r,
+            "token_injector_connect_tunnels_total",
+            "CONNECT requests, by result (allowed, refused, failed).",
+            &["result"],
+        );
+        let open = IntGaugeVec::new(
+            Opts::new(
+                "token_injector_tunnels_open",
+                "Tunnels open now, by kind (connect, upgrade).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(open.clone())).expect("unique metric");
+        Self {
+            connect_allowed: connects.with_label_values(&["allowed"]),
+            connect_refused: connects.with_label_values(&["refused"]),
+            connect_failed: connects.with_label_values(&["failed"]),
+            open_connect: open.with_label_values(&["connect"]),
+            open_upgrade: open.with_label_values(&["upgrade"]),
+        }
+    }
+
+    /// Metrics in no registry, for a proxy built without [`Metrics`].
+    pub fn detached() -> Self {
+        let counter = || IntCounter::new("detached", "-").expect("valid metric");
+        let gauge = || IntGauge::new("detached", "-").expect("valid metric");
+        Self {
+            connect_allowed: counter(),
+            connect_refused: counter(),
+            connect_failed: counter(),
+            open_connect: gauge(),
+            open_upgrade: gauge(),
+        }
+    }
+}
+
 fn code_str(code: u16) -> &'static str {
     match code {
         200 => "200",
@@ -427,6 +483,11 @@ mod tests {
             "token_injector_config_reloads_total{result=\"error\"} 0",
             "token_injector_build_info{version=",
             "token_injector_client_connections_open 0",
+            "token_injector_connect_tunnels_total{result=\"allowed\"} 0",
+            "token_injector_connect_tunnels_total{result=\"refused\"} 0",
+            "token_injector_connect_tunnels_total{result=\"failed\"} 0",
+            "token_injector_tunnels_open{kind=\"connect\"} 0",
+            "token_injector_tunnels_open{kind=\"upgrade\"} 0",
         ] {
             assert!(text.contains(want), "missing {want}\n{text}");
         }
