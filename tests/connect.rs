@@ -127,7 +127,10 @@ type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<byte
 
 /// An HTTP/1.1 client over TLS to `localhost`, inside an open tunnel, and
 /// the task driving its connection (it ends when the tunnel closes).
-async fn tls_client(pki: &Pki, tunnel: TcpStream) -> (Sender, tokio::task::JoinHandle<()>) {
+async fn tls_client<IO>(pki: &Pki, tunnel: IO) -> (Sender, tokio::task::JoinHandle<()>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
@@ -528,4 +531,49 @@ async fn shutdown_closes_open_tunnels_within_the_drain_bound() {
     let closed = tokio::time::timeout(Duration::from_secs(5), conn).await;
     assert!(closed.is_ok(), "the tunnel is still open after shutdown");
     assert!(sender.ready().await.is_err());
+}
+
+#[tokio::test]
+async fn an_http2_connect_stream_is_a_tunnel_and_keeps_its_connection_busy() {
+    let world = World::new(Mode::Issue(300.0)).await;
+    let (dest, log) = destination(&world.pki).await;
+    let text = config(
+        &world,
+        &format!(
+            "connect_allow = [\"localhost:{}\"]\nheader_read_timeout = \"300ms\"\nidle_timeout = \"300ms\"",
+            dest.port()
+        ),
+        "",
+        "",
+    );
+    let proxy = world.start(&text).await;
+    // h2c with prior knowledge: the CONNECT is one stream of the connection.
+    let tcp = TcpStream::connect(proxy.proxy_addr()).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let h2_conn = tokio::spawn(conn);
+    let connect = Request::builder()
+        .method("CONNECT")
+        .uri(format!("localhost:{}", dest.port()))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = h2.send_request(connect).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let stream = hyper::upgrade::on(response).await.unwrap();
+    let (mut sender, _conn) = tls_client(&world.pki, TokioIo::new(stream)).await;
+    assert_eq!(get(&mut sender, "/h2/1").await, "inside /h2/1");
+    // Quiet past both connection bounds: the open stream keeps it busy.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(get(&mut sender, "/h2/2").await, "inside /h2/2");
+    assert!(log.lock().unwrap().iter().all(|(_, auth)| auth.is_none()));
+
+    // Once the tunnel ends, the connection is idle and its timer applies.
+    drop(sender);
+    let closed = tokio::time::timeout(Duration::from_secs(5), h2_conn).await;
+    assert!(closed.is_ok(), "the idle HTTP/2 connection was not closed");
+    proxy.shutdown().await;
 }

@@ -42,6 +42,9 @@ pub struct Scope {
     /// Keeps the client connection counted (and its listener's drain
     /// waiting) until the tunnel ends.
     _hold: Arc<dyn Send + Sync>,
+    /// Keeps the connection busy (no idle or header timer) while the
+    /// tunnel lives: an HTTP/2 CONNECT stream shares its connection.
+    _busy: Option<Arc<dyn Send + Sync>>,
 }
 
 impl Scope {
@@ -54,6 +57,15 @@ impl Scope {
             shutdown,
             drain,
             _hold: hold,
+            _busy: None,
+        }
+    }
+
+    /// This scope for one request, holding `busy` as long as it lives.
+    pub fn with_busy(&self, busy: impl Send + Sync + 'static) -> Self {
+        Self {
+            _busy: Some(Arc::new(busy)),
+            ..self.clone()
         }
     }
 
