@@ -31,13 +31,22 @@ type Log = Arc<Mutex<Vec<Upgrade>>>;
 
 /// A WebSocket echo server over TLS for `localhost`, offering ALPN `h2` and
 /// `http/1.1` (an HTTP/2 pool would pick h2 and could not upgrade). Paths
-/// under `/refuse` get 403; the rest are echoed until the client closes.
-// tungstenite's handshake callback returns its (large) error response.
-#[allow(clippy::result_large_err)]
+/// under `/refuse` get 403, the first request to `/once401` gets 401; the
+/// rest are echoed until the client closes.
 async fn ws_upstream(world: &World) -> (SocketAddr, Log) {
     let mut config = (*world.pki.server_config(&["localhost"])).clone();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    ws_server(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+}
+
+/// The same over plain TCP (a `ws://` host reached by passthrough).
+async fn ws_plain() -> (SocketAddr, Log) {
+    ws_server(None).await
+}
+
+// tungstenite's handshake callback returns its (large) error response.
+#[allow(clippy::result_large_err)]
+async fn ws_server(acceptor: Option<tokio_rustls::TlsAcceptor>) -> (SocketAddr, Log) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let log: Log = Arc::default();
@@ -49,9 +58,6 @@ async fn ws_upstream(world: &World) -> (SocketAddr, Log) {
             };
             let (acceptor, log) = (acceptor.clone(), Arc::clone(&l));
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
                 let check = move |req: &Request, mut res: Response| {
                     let header =
                         |n: &str| req.headers().get(n).map(|v| v.to_str().unwrap().to_owned());
@@ -60,6 +66,19 @@ async fn ws_upstream(world: &World) -> (SocketAddr, Log) {
                         authorization: header("authorization"),
                         host: header("host"),
                     });
+                    let once = req.uri().path() == "/once401"
+                        && log
+                            .lock()
+                            .unwrap()
+                            .iter()
+                            .filter(|u| u.path == "/once401")
+                            .count()
+                            == 1;
+                    if once {
+                        let mut refusal = ErrorResponse::new(Some("stale token".into()));
+                        *refusal.status_mut() = StatusCode::UNAUTHORIZED;
+                        return Err(refusal);
+                    }
                     if req.uri().path().starts_with("/refuse") {
                         let mut refusal = ErrorResponse::new(Some("no upgrade for you".into()));
                         *refusal.status_mut() = StatusCode::FORBIDDEN;
@@ -69,19 +88,37 @@ async fn ws_upstream(world: &World) -> (SocketAddr, Log) {
                         .insert("x-upstream", "ws-echo".parse().unwrap());
                     Ok(res)
                 };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tls, check).await else {
-                    return;
-                };
-                // tungstenite answers pings and the close handshake itself.
-                while let Some(Ok(msg)) = ws.next().await {
-                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        return;
+                match acceptor {
+                    Some(acceptor) => {
+                        if let Ok(tls) = acceptor.accept(tcp).await
+                            && let Ok(ws) = tokio_tungstenite::accept_hdr_async(tls, check).await
+                        {
+                            echo(ws).await;
+                        }
+                    }
+                    None => {
+                        if let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, check).await {
+                            echo(ws).await;
+                        }
                     }
                 }
             });
         }
     });
     (addr, log)
+}
+
+/// Echoes text and binary messages; tungstenite answers pings and the
+/// close handshake itself.
+async fn echo<S>(mut ws: tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    while let Some(Ok(msg)) = ws.next().await {
+        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The world's config plus a route `ws.test` to the WebSocket upstream
@@ -110,7 +147,20 @@ async fn open(
     ),
     tungstenite::Error,
 > {
-    let mut request = format!("ws://ws.test{path}").into_client_request().unwrap();
+    open_url(proxy, &format!("ws://ws.test{path}")).await
+}
+
+async fn open_url(
+    proxy: SocketAddr,
+    url: &str,
+) -> Result<
+    (
+        tokio_tungstenite::WebSocketStream<TcpStream>,
+        tungstenite::handshake::client::Response,
+    ),
+    tungstenite::Error,
+> {
+    let mut request = url.into_client_request().unwrap();
     request
         .headers_mut()
         .insert("authorization", "Bearer the-apps-own".parse().unwrap());
@@ -314,5 +364,62 @@ async fn many_websockets_at_once_each_echo_their_own() {
             .and_then(|a| a.strip_prefix("Bearer "))
             .is_some_and(|t| world.tokens.state.valid(t))
     }));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upgrade_refused_with_401_is_retried_with_a_fresh_token() {
+    let world = World::new(Mode::Issue(300.0)).await;
+    let (ws_addr, log) = ws_upstream(&world).await;
+    let proxy = world.start(&config(&world, ws_addr, "", "")).await;
+    let (mut ws, response) = open(proxy.proxy_addr(), "/once401").await.unwrap();
+    assert_eq!(response.status(), 101);
+    ws.send(Message::text("after retry")).await.unwrap();
+    assert_eq!(next(&mut ws).await, Message::text("after retry"));
+    let seen = log.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let tokens: Vec<&str> = seen
+        .iter()
+        .map(|u| {
+            u.authorization
+                .as_deref()
+                .unwrap()
+                .strip_prefix("Bearer ")
+                .unwrap()
+        })
+        .collect();
+    assert_ne!(tokens[0], tokens[1], "the retry carries a fresh token");
+    assert!(world.tokens.state.was_issued(tokens[0]));
+    assert!(world.tokens.state.valid(tokens[1]));
+    assert_eq!(world.tokens.state.count(), 2);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn passthrough_upgrades_to_plain_ws_hosts_carry_no_token() {
+    let world = World::new(Mode::Issue(300.0)).await;
+    let (plain, log) = ws_plain().await;
+    let text = world.config("", "").replacen(
+        "drain_timeout = \"5s\"\n",
+        "drain_timeout = \"5s\"\nunmatched = \"passthrough\"\n",
+        1,
+    );
+    let proxy = world.start(&text).await;
+    let (mut ws, response) = open_url(
+        proxy.proxy_addr(),
+        &format!("ws://127.0.0.1:{}/p", plain.port()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 101);
+    for i in 0..3 {
+        ws.send(Message::binary(vec![i; 100])).await.unwrap();
+        assert_eq!(next(&mut ws).await, Message::binary(vec![i; 100]));
+    }
+    ws.close(None).await.unwrap();
+    let seen = log.lock().unwrap()[0].clone();
+    assert_eq!(seen.path, "/p");
+    // The app's own header, untouched: passthrough adds no token.
+    assert_eq!(seen.authorization.as_deref(), Some("Bearer the-apps-own"));
     proxy.shutdown().await;
 }
