@@ -282,6 +282,8 @@ async fn an_allowed_destination_is_tunnelled_untouched() {
     assert_eq!(seen[0].1.as_deref(), Some("Bearer the-apps-own"));
     assert!(seen[3..].iter().all(|(_, auth)| auth.is_none()), "{seen:?}");
     assert_eq!(world.upstream.seen().len(), 0);
+    // Open tunnels would hold the shutdown for the drain time.
+    drop((app, sender));
     proxy.shutdown().await;
 }
 
@@ -300,6 +302,11 @@ async fn wildcard_entries_allow_subdomains_on_their_port_only() {
         ("a.xtunnel.invalid:443", false),
     ] {
         let (answer, _) = connect(proxy.proxy_addr(), target).await;
+        println!(
+            "CONNECT {target}: {} {:?}",
+            answer.status,
+            answer.header("x-token-injector-error")
+        );
         if allowed {
             assert!(
                 matches!(
@@ -367,6 +374,7 @@ async fn a_host_with_a_route_is_tunnelled_only_if_the_route_allows_it() {
     let (mut sender, _conn) = tls_client(&world.pki, tunnel).await;
     assert_eq!(get(&mut sender, "/allowed").await, "inside /allowed");
     assert_eq!(log.lock().unwrap()[0], ("/allowed".to_owned(), None));
+    drop(sender);
     proxy.shutdown().await;
 }
 
@@ -488,6 +496,7 @@ async fn an_open_tunnel_outlives_the_connection_timers() {
         .unwrap_or(0);
     assert_eq!(n, 0);
     let cut_after = started.elapsed();
+    println!("a silent plain connection was closed after {cut_after:?}");
 
     let (answer, tunnel) = connect(proxy.proxy_addr(), &format!("localhost:{}", dest.port())).await;
     assert_eq!(answer.status, 200);
@@ -500,6 +509,7 @@ async fn an_open_tunnel_outlives_the_connection_timers() {
         cut_after < Duration::from_millis(1200),
         "control connection cut after {cut_after:?}"
     );
+    drop(sender);
     proxy.shutdown().await;
 }
 
@@ -523,6 +533,7 @@ async fn shutdown_closes_open_tunnels_within_the_drain_bound() {
     let started = Instant::now();
     proxy.shutdown().await;
     let took = started.elapsed();
+    println!("shutdown with an open tunnel took {took:?} (drain_timeout 400ms)");
     // The tunnel had the drain time to finish, then was closed.
     assert!(
         took >= Duration::from_millis(350) && took < Duration::from_secs(3),
@@ -575,5 +586,36 @@ async fn an_http2_connect_stream_is_a_tunnel_and_keeps_its_connection_busy() {
     drop(sender);
     let closed = tokio::time::timeout(Duration::from_secs(5), h2_conn).await;
     assert!(closed.is_ok(), "the idle HTTP/2 connection was not closed");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_changes_the_policy_for_new_tunnels_and_keeps_open_ones() {
+    let world = World::new(Mode::Issue(300.0)).await;
+    let (dest, _log) = destination(&world.pki).await;
+    let target = format!("localhost:{}", dest.port());
+    let allowed = config(&world, &format!("connect_allow = [\"{target}\"]"), "", "");
+    let proxy = world.start(&allowed).await;
+    let (answer, tunnel) = connect(proxy.proxy_addr(), &target).await;
+    assert_eq!(answer.status, 200);
+    let (mut sender, _conn) = tls_client(&world.pki, tunnel).await;
+
+    let load = |text: &str| {
+        token_injector::config::from_text(text, world.dir.path(), Vec::<(String, String)>::new())
+            .unwrap()
+    };
+    proxy.apply(load(&world.config("", ""))).unwrap();
+    let (refused, _) = connect(proxy.proxy_addr(), &target).await;
+    assert_eq!(refused.status, 403);
+    // The tunnel opened before the reload carries on.
+    assert_eq!(
+        get(&mut sender, "/after-reload").await,
+        "inside /after-reload"
+    );
+
+    proxy.apply(load(&allowed)).unwrap();
+    let (answer, _) = connect(proxy.proxy_addr(), &target).await;
+    assert_eq!(answer.status, 200);
+    drop(sender);
     proxy.shutdown().await;
 }
