@@ -1,5 +1,7 @@
 //! The binary: parse the command line, set up logging, and hand over to the
 //! library. `run` exits 64 on a bad config and 0 after a graceful shutdown.
+//! `demo` runs the proxy against its own token endpoint and echo upstream
+//! (`token_injector::demo`), exits 1 if it cannot start, 0 after Ctrl-C.
 //!
 //! Before `run` reads any secret it turns core dumps off: a dump of this
 //! process would hold client secrets, private keys and tokens.
@@ -35,6 +37,13 @@ enum Command {
         #[arg(long, env = "TOKEN_INJECTOR_CONFIG")]
         config: PathBuf,
     },
+    /// Try it out: the proxy with a built-in token endpoint and echo upstream.
+    ///
+    /// Starts, in this process on 127.0.0.1, a token endpoint issuing
+    /// short-lived tokens, an HTTPS echo upstream that shows each request as
+    /// it arrives, and the proxy in front of them; prints the curl lines to
+    /// try. Ctrl-C stops everything.
+    Demo(token_injector::demo::Options),
 }
 
 /// EX_USAGE from sysexits.h: the configuration is unusable.
@@ -82,7 +91,52 @@ fn main() -> ExitCode {
             };
             runtime.block_on(run(config, path))
         }
+        Command::Demo(options) => {
+            init_tracing();
+            forbid_core_dumps();
+            let runtime = match build_runtime() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(demo(options))
+        }
     }
+}
+
+/// `demo`: like `run`, with the demo's own config, and SIGHUP (the terminal
+/// closing) stops it too.
+async fn demo(options: token_injector::demo::Options) -> ExitCode {
+    let mut signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let demo = match token_injector::demo::Demo::start(options).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(demo.banner().as_bytes());
+        let _ = out.flush();
+    }
+    tokio::select! {
+        _ = signals.term.recv() => tracing::info!("SIGTERM received"),
+        _ = signals.int.recv() => tracing::info!("SIGINT received"),
+        _ = signals.hup.recv() => tracing::info!("SIGHUP received"),
+    }
+    tracing::info!("stopping the demo");
+    demo.shutdown().await;
+    ExitCode::SUCCESS
 }
 
 async fn run(config: token_injector::config::Config, path: PathBuf) -> ExitCode {
