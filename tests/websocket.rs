@@ -392,6 +392,8 @@ async fn an_upgrade_refused_with_401_is_retried_with_a_fresh_token() {
     assert!(world.tokens.state.was_issued(tokens[0]));
     assert!(world.tokens.state.valid(tokens[1]));
     assert_eq!(world.tokens.state.count(), 2);
+    // An open WebSocket would hold the shutdown for the drain time.
+    drop(ws);
     proxy.shutdown().await;
 }
 
@@ -421,5 +423,6 @@ async fn passthrough_upgrades_to_plain_ws_hosts_carry_no_token() {
     assert_eq!(seen.path, "/p");
     // The app's own header, untouched: passthrough adds no token.
     assert_eq!(seen.authorization.as_deref(), Some("Bearer the-apps-own"));
+    drop(ws);
     proxy.shutdown().await;
 }
