@@ -619,3 +619,52 @@ async fn a_reload_changes_the_policy_for_new_tunnels_and_keeps_open_ones() {
     drop(sender);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_destination_that_never_accepts_is_a_504_within_connect_timeout() {
+    let world = World::new(Mode::Issue(300.0)).await;
+    // A listener whose accept queue is full: the next connect gets no answer.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = socket.listen(0).unwrap();
+    let port = full.local_addr().unwrap().port();
+    let _queued = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let text = config(
+        &world,
+        &format!("connect_allow = [\"127.0.0.1:{port}\"]"),
+        "",
+        "",
+    )
+    .replace("connect_timeout = \"2s\"", "connect_timeout = \"300ms\"");
+    let proxy = world.start(&text).await;
+    let started = Instant::now();
+    let (answer, _) = connect(proxy.proxy_addr(), &format!("127.0.0.1:{port}")).await;
+    let took = started.elapsed();
+    println!(
+        "CONNECT to a full accept queue answered {} after {took:?}",
+        answer.status
+    );
+    assert_eq!(answer.status, 504, "{}", answer.body);
+    assert_eq!(
+        answer.header("x-token-injector-error"),
+        Some("upstream_timeout")
+    );
+    assert!(
+        answer.body.contains("upstream.connect_timeout"),
+        "{}",
+        answer.body
+    );
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let m = metrics(proxy.admin_addr()).await;
+    assert_eq!(
+        metric(
+            &m,
+            "token_injector_connect_tunnels_total{result=\"failed\"}"
+        ),
+        Some(1.0)
+    );
+    proxy.shutdown().await;
+}
