@@ -272,7 +272,7 @@ fn connect_target(target: &Uri) -> Result<(&str, u16), Error> {
 }
 
 /// `pattern` without its port: matches the same hosts on every port.
-pub(crate) fn any_port(pattern: &Pattern) -> Pattern {
+fn any_port(pattern: &Pattern) -> Pattern {
     let text = pattern.to_string();
     let bare = match pattern.port() {
         Some(p) => text
