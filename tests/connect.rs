@@ -668,3 +668,53 @@ async fn a_destination_that_never_accepts_is_a_504_within_connect_timeout() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_open_tunnel_holds_its_connection_slot() {
+    let world = World::new(Mode::Issue(300.0)).await;
+    let (dest, _log) = destination(&world.pki).await;
+    let text = config(
+        &world,
+        &format!(
+            "connect_allow = [\"localhost:{}\"]\nmax_connections = 1",
+            dest.port()
+        ),
+        "",
+        "",
+    );
+    let proxy = world.start(&text).await;
+    let (answer, tunnel) = connect(proxy.proxy_addr(), &format!("localhost:{}", dest.port())).await;
+    assert_eq!(answer.status, 200);
+    let (mut sender, conn) = tls_client(&world.pki, tunnel).await;
+    assert_eq!(get(&mut sender, "/held").await, "inside /held");
+
+    // The tunnel is the one connection allowed: another is closed at once.
+    let mut other = TcpStream::connect(proxy.proxy_addr()).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), other.read(&mut buf))
+        .await
+        .expect("refused at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+
+    // Closing the tunnel frees the slot.
+    drop(sender);
+    conn.await.unwrap();
+    let admin = proxy.admin_addr();
+    support::eventually(Duration::from_secs(10), || async {
+        (metric(
+            &metrics(admin).await,
+            "token_injector_client_connections_open",
+        ) == Some(0.0))
+        .then_some(())
+    })
+    .await;
+    let (answer, _) = connect(proxy.proxy_addr(), &format!("localhost:{}", dest.port())).await;
+    assert_eq!(answer.status, 200);
+    let m = metrics(admin).await;
+    assert_eq!(
+        metric(&m, "token_injector_client_connections_refused_total"),
+        Some(1.0)
+    );
+    proxy.shutdown().await;
+}
