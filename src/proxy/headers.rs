@@ -36,12 +36,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     // `TE: trailers` is end to end in practice: gRPC needs it to reach the
-    // upstream. Any other TE value is hop-by-hop.
-    if headers
-        .get(header::TE)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
-        headers.remove(header::TE);
+    // upstream, and HTTP/2 allows exactly that value (RFC 9113 §8.2.2).
+    // Other codings are hop-by-hop: keep only `trailers`, spelled as HTTP/2
+    // wants it, and one line of it.
+    if headers.contains_key(header::TE) {
+        let trailers = headers.get_all(header::TE).iter().any(|line| {
+            line.as_bytes().split(|&b| b == b',').any(|item| {
+                // A coding may carry parameters (`trailers;q=1` is not one).
+                item.trim_ascii().eq_ignore_ascii_case(b"trailers")
+            })
+        });
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(header::TE);
+        }
     }
     let has_proxy_header = headers.keys().any(|k| k.as_str().starts_with("proxy-"));
     if has_proxy_header {
@@ -161,6 +170,26 @@ mod tests {
         let mut h = map(&[("te", "trailers")]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h["te"], "trailers");
+        // What reaches an HTTP/2 upstream is exactly one `trailers`.
+        for lines in [
+            &[("te", "Trailers")][..],
+            &[("te", "gzip, trailers")],
+            &[("te", "deflate;q=0.5"), ("te", " trailers ")],
+        ] {
+            let mut h = map(lines);
+            strip_hop_by_hop(&mut h);
+            let all: Vec<_> = h.get_all("te").iter().collect();
+            assert_eq!(all, vec!["trailers"], "{lines:?}");
+        }
+        for lines in [
+            &[("te", "gzip")][..],
+            &[("te", "trailers;q=0.5")],
+            &[("te", "gzip"), ("te", "deflate")],
+        ] {
+            let mut h = map(lines);
+            strip_hop_by_hop(&mut h);
+            assert!(!h.contains_key("te"), "{lines:?}");
+        }
     }
 
     #[test]
