@@ -202,24 +202,49 @@ impl State {
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, r) in config.routes.iter().enumerate() {
             let client = pools
-                .get(r.ca_file.as_ref(), r.protocol, &config.upstream)
-                .map_err(|source| StartError::Tls {
-                    key: format!("routes[{i}].ca_file"),
-                    source,
+                .get(
+                    r.ca_file.as_ref(),
+                    r.protocol,
+                    r.client_cert.as_ref(),
+                    &config.upstream,
+                )
+                .map_err(|e| StartError::Tls {
+                    key: format!("routes[{i}].{}", e.key()),
+                    source: e.into_tls(),
                 })?;
-            routes.push(proxy::Route::new(
-                r.label.clone(),
-                &r.upstream,
-                Arc::clone(&stores[&r.profile]),
-                client,
-                metrics.proxy.route(&r.label),
-            ));
+            // Upgrades (WebSocket) exist only in HTTP/1.1: a pool that
+            // speaks HTTP/1.1 alone, with the route's trust and identity.
+            let upgrade_client = match r.protocol {
+                config::UpstreamProtocol::Http1 => client.clone(),
+                _ => pools
+                    .get(
+                        r.ca_file.as_ref(),
+                        config::UpstreamProtocol::Http1,
+                        r.client_cert.as_ref(),
+                        &config.upstream,
+                    )
+                    .map_err(|e| StartError::Tls {
+                        key: format!("routes[{i}].{}", e.key()),
+                        source: e.into_tls(),
+                    })?,
+            };
+            routes.push(
+                proxy::Route::new(
+                    r.label.clone(),
+                    &r.upstream,
+                    Arc::clone(&stores[&r.profile]),
+                    client,
+                    metrics.proxy.route(&r.label),
+                )
+                .with_upgrade_client(upgrade_client)
+                .with_protocol(r.protocol),
+            );
         }
         let passthrough = pools
-            .get(None, config::UpstreamProtocol::Auto, &config.upstream)
-            .map_err(|source| StartError::Tls {
+            .get(None, config::UpstreamProtocol::Auto, None, &config.upstream)
+            .map_err(|e| StartError::Tls {
                 key: "proxy".into(),
-                source,
+                source: e.into_tls(),
             })?;
         let settings = proxy::Settings {
             unmatched: config.proxy.unmatched,
@@ -235,7 +260,11 @@ impl State {
             settings,
             passthrough,
             metrics.proxy.route("-"),
-        );
+        )
+        .with_tunnels(proxy::tunnel::Tunnels::new(
+            config,
+            metrics.proxy.tunnels.clone(),
+        ));
 
         let mut bound = Vec::new();
         for (key, name) in Self::listener_keys(config) {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{Method, Request, Response};
+use http::{Method, Request, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -34,6 +34,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::config::Config;
 use crate::head::{Fed, Refusal, Scan};
+use crate::proxy::tunnel::Scope;
 use crate::proxy::{self, Entry, Proxy};
 
 /// Client-side limits, from `[proxy]` and `upstream.body_idle_timeout`.
@@ -147,6 +148,9 @@ pub async fn accept_loop(
     let mut limits = connections.limits.load_full();
     let mut builder = limits.builder();
     let graceful = GracefulShutdown::new();
+    // Every connection holds a receiver until it and any tunnel opened on it
+    // end: `closed()` tells the drain when all are gone.
+    let (held, _) = watch::channel(());
     loop {
         tokio::select! {
             biased;
@@ -168,12 +172,16 @@ pub async fn accept_loop(
                     let _ = stream.set_nodelay(true);
                     let activity = Arc::new(Activity::new());
                     let io = TrackedIo { inner: stream, activity: Arc::clone(&activity), head: Some(Scan::new()) };
-                    let service = service(Arc::clone(&proxy), Arc::clone(&entry), Arc::clone(&activity), limits.request_timeout, limits.body_idle_timeout);
-                    let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
+                    // A tunnel outlives the connection's HTTP exchange: it
+                    // keeps the connection counted until it ends.
+                    let hold: Arc<dyn Send + Sync> = Arc::new((open, held.subscribe()));
+                    let scope = Scope::new(shutdown.clone(), drain, Arc::clone(&hold));
+                    let service = service(Arc::clone(&proxy), Arc::clone(&entry), Arc::clone(&activity), scope, limits.request_timeout, limits.body_idle_timeout);
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
                     let conn = graceful.watch(conn);
                     let (header, idle) = (limits.header_read_timeout, limits.idle_timeout);
                     tokio::spawn(async move {
-                        let _open = open;
+                        let _hold = hold;
                         tokio::select! {
                             ended = conn => if let Err(e) = ended {
                                 tracing::debug!(error = %e, "client connection ended with an error");
@@ -195,7 +203,8 @@ pub async fn accept_loop(
         }
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    let deadline = Instant::now() + drain;
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
         .await
         .is_err()
     {
@@ -203,8 +212,21 @@ pub async fn accept_loop(
             ?drain,
             "connections still open after the drain timeout; closing them"
         );
+        return;
+    }
+    // Tunnels (CONNECT, upgrades) left hyper when they switched; each closes
+    // itself at the drain bound, a moment after this deadline at most.
+    if tokio::time::timeout_at(deadline + TUNNEL_CLOSE_GRACE, held.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(?drain, "tunnels still open after the drain timeout");
     }
 }
+
+/// How long past the drain bound the listener waits for tunnels to close
+/// themselves (they start their own drain timer when they see the signal).
+const TUNNEL_CLOSE_GRACE: Duration = Duration::from_millis(250);
 
 type Served = Response<Tracked<proxy::Body>>;
 
@@ -215,6 +237,7 @@ fn service(
     proxy: Arc<ArcSwap<Proxy>>,
     entry: Arc<Entry>,
     activity: Arc<Activity>,
+    scope: Scope,
     deadline: Duration,
     body_idle: Duration,
 ) -> impl hyper::service::Service<
@@ -224,7 +247,13 @@ fn service(
     Future = impl Future<Output = Result<Served, Infallible>> + Send,
 > + Clone
 + Send {
-    service_fn(move |req: Request<Incoming>| {
+    service_fn(move |mut req: Request<Incoming>| {
+        if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
+            // Only requests that may open a tunnel carry its scope, which
+            // keeps the connection busy until the tunnel (or the request) ends.
+            req.extensions_mut()
+                .insert(scope.with_busy(activity.busy()));
+        }
         // A reload swaps the config without touching this connection.
         let proxy = proxy.load_full();
         let entry = Arc::clone(&entry);
@@ -237,8 +266,14 @@ fn service(
                 return Ok(response.map(|body| Tracked::new(body, busy, body_idle)));
             }
             let connect = req.method() == Method::CONNECT;
+            // Over HTTP/2 a CONNECT tunnel is one stream; its scope keeps the
+            // connection busy while it lives, and then the timers apply again.
+            let http1 = req.version() != Version::HTTP_2;
             let response = proxy.handle(&entry, req, deadline).await;
-            if connect && response.status().is_success() {
+            if http1
+                && ((connect && response.status().is_success())
+                    || response.status() == StatusCode::SWITCHING_PROTOCOLS)
+            {
                 // A tunnel carries bytes past hyper: never idle, never a head.
                 busy.activity.tunnel();
             }

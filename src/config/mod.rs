@@ -206,7 +206,20 @@ pub struct Route {
     pub profile: String,
     pub listen: Option<SocketAddr>,
     pub ca_file: Option<PathBuf>,
+    /// Mutual TLS to the upstream; the files are re-read when they change.
+    pub client_cert: Option<ClientCert>,
     pub protocol: UpstreamProtocol,
+    /// CONNECT tunnels to this route's host are allowed (when
+    /// `proxy.connect_allow` lists them); they carry no token.
+    pub allow_connect: bool,
+}
+
+/// A route's client certificate and key files (PEM), checked to load and
+/// match when the config is validated.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientCert {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// Where a route's requests go.
@@ -574,6 +587,9 @@ impl Validator<'_> {
         for (i, r) in raw.routes.into_iter().enumerate() {
             let profile_known = r.profile.as_ref().is_some_and(|p| declared.contains(p));
             if let Some(route) = self.route(i, r, profile_known) {
+                if route.allow_connect {
+                    self.allow_connect(i, &route.host, &proxy.connect_allow);
+                }
                 let key = route.host.to_string();
                 if let Some(first) = hosts.insert(key.clone(), i) {
                     self.problem(
@@ -1072,12 +1088,11 @@ impl Validator<'_> {
                 UpstreamProtocol::Auto
             }
         };
-        if r.client_cert_file.is_some() || r.client_key_file.is_some() {
-            self.problem(
-                key("client_cert_file"),
-                "mutual TLS to upstreams is not supported by this version yet",
-            );
-        }
+        let client_cert = self.client_cert(
+            i,
+            r.client_cert_file.as_deref(),
+            r.client_key_file.as_deref(),
+        );
         let ca_file = self.ca_file(&key("ca_file"), r.ca_file.as_deref());
         let host = host?;
         Some(Route {
@@ -1087,8 +1102,80 @@ impl Validator<'_> {
             profile: profile?,
             listen,
             ca_file,
+            client_cert: client_cert.ok()?,
             protocol,
+            allow_connect: r.allow_connect.unwrap_or(false),
         })
+    }
+
+    /// A route's `client_cert_file` and `client_key_file`: both or
+    /// neither, readable, and a key that fits the certificate. `Err` when
+    /// a problem was reported.
+    fn client_cert(
+        &mut self,
+        i: usize,
+        cert: Option<&str>,
+        key_file: Option<&str>,
+    ) -> Result<Option<ClientCert>, ()> {
+        let key = |k: &str| format!("routes[{i}].{k}");
+        match (cert, key_file) {
+            (None, None) => Ok(None),
+            (Some(c), Some(k)) => {
+                let (cert_file, key_file) = (self.path(c), self.path(k));
+                match crate::tls::load_identity(&cert_file, &key_file) {
+                    Ok(_) => Ok(Some(ClientCert {
+                        cert_file,
+                        key_file,
+                    })),
+                    Err(e) => {
+                        let name = if e.is_about_key(&key_file) {
+                            "client_key_file"
+                        } else {
+                            "client_cert_file"
+                        };
+                        self.problem(key(name), e.to_string());
+                        Err(())
+                    }
+                }
+            }
+            (Some(_), None) => {
+                self.problem(
+                    key("client_key_file"),
+                    "missing; mutual TLS to the upstream needs client_cert_file and client_key_file",
+                );
+                Err(())
+            }
+            (None, Some(_)) => {
+                self.problem(
+                    key("client_cert_file"),
+                    "missing; mutual TLS to the upstream needs client_cert_file and client_key_file",
+                );
+                Err(())
+            }
+        }
+    }
+
+    /// `allow_connect` on a route whose host no `proxy.connect_allow` entry
+    /// covers would do nothing: say so rather than let it look effective.
+    fn allow_connect(&mut self, i: usize, host: &Pattern, connect_allow: &[String]) {
+        let covered = connect_allow
+            .iter()
+            .filter_map(|e| Pattern::parse(e).ok())
+            .any(|a| hosts_overlap(host, &a));
+        if !covered {
+            let bare = bare_host(host);
+            let example = if host.is_wildcard() {
+                format!("*.{}:443", bare.1)
+            } else {
+                format!("{}:443", bare.1)
+            };
+            self.problem(
+                format!("routes[{i}].allow_connect"),
+                format!(
+                    "has no effect: no proxy.connect_allow entry covers {host}; add e.g. {example:?} there"
+                ),
+            );
+        }
     }
 
     fn upstream_url(&mut self, key: &str, u: &str) -> Option<UpstreamTarget> {
@@ -1131,6 +1218,38 @@ impl Validator<'_> {
             authority,
             base_path,
         })
+    }
+}
+
+/// (wildcard, name) of a host pattern, without its port.
+fn bare_host(p: &Pattern) -> (bool, String) {
+    let text = p.to_string();
+    let text = match p.port() {
+        Some(port) => text
+            .strip_suffix(&format!(":{port}"))
+            .unwrap_or(&text)
+            .to_owned(),
+        None => text,
+    };
+    match text.strip_prefix("*.") {
+        Some(name) => (true, name.to_owned()),
+        None => (false, text),
+    }
+}
+
+/// Whether some host matches both patterns, whatever the ports.
+fn hosts_overlap(a: &Pattern, b: &Pattern) -> bool {
+    let ((aw, an), (bw, bn)) = (bare_host(a), bare_host(b));
+    let under = |name: &str, suffix: &str| {
+        name.len() > suffix.len()
+            && name.ends_with(suffix)
+            && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+    };
+    match (aw, bw) {
+        (false, false) => an == bn,
+        (true, false) => under(&bn, &an),
+        (false, true) => under(&an, &bn),
+        (true, true) => an == bn || under(&an, &bn) || under(&bn, &an),
     }
 }
 

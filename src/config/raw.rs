@@ -105,4 +105,5 @@ pub struct RawRoute {
     pub client_cert_file: Option<String>,
     pub client_key_file: Option<String>,
     pub upstream_protocol: Option<String>,
+    pub allow_connect: Option<bool>,
 }

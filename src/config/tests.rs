@@ -553,3 +553,143 @@ fn default_lifetime_under_a_second_is_refused() {
     );
     assert!(with("1s").is_empty(), "{:?}", with("1s"));
 }
+
+#[test]
+fn route_client_certificate_is_checked_at_load() {
+    let dir = dir_with_secret();
+    let key = write_key(&dir, "client.key", &rcgen::PKCS_ECDSA_P256_SHA256);
+    write_key(&dir, "other.key", &rcgen::PKCS_ECDSA_P256_SHA256);
+    let cert = rcgen::CertificateParams::new(vec!["client.test".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.path().join("client.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("junk.key"), "not a key").unwrap();
+    let route = |lines: &str| {
+        let text = GOOD.replacen(
+            "profile = \"billing\"\n",
+            &format!("profile = \"billing\"\n{lines}\n"),
+            1,
+        );
+        match load(&text, &dir) {
+            Ok(c) => Ok(c),
+            Err(e) => Err(e.lines()),
+        }
+    };
+    let c = route("client_cert_file = \"client.crt\"\nclient_key_file = \"client.key\"").unwrap();
+    assert_eq!(
+        c.routes[0].client_cert,
+        Some(ClientCert {
+            cert_file: dir.path().join("client.crt"),
+            key_file: dir.path().join("client.key"),
+        })
+    );
+    assert_eq!(c.routes[1].client_cert, None);
+
+    let p = route("client_cert_file = \"client.crt\"").unwrap_err();
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("routes[0].client_key_file: missing"),
+        "{p:?}"
+    );
+    let p = route("client_key_file = \"client.key\"").unwrap_err();
+    assert!(
+        p[0].starts_with("routes[0].client_cert_file: missing"),
+        "{p:?}"
+    );
+    let p =
+        route("client_cert_file = \"client.crt\"\nclient_key_file = \"other.key\"").unwrap_err();
+    assert!(p[0].starts_with("routes[0].client_cert_file: "), "{p:?}");
+    assert!(p[0].contains("do not belong together"), "{p:?}");
+    let p = route("client_cert_file = \"client.crt\"\nclient_key_file = \"junk.key\"").unwrap_err();
+    assert!(
+        p[0].starts_with("routes[0].client_key_file: ") && p[0].contains("no PEM private key"),
+        "{p:?}"
+    );
+    let p = route("client_cert_file = \"client.crt\"\nclient_key_file = \"gone.key\"").unwrap_err();
+    assert!(
+        p[0].starts_with("routes[0].client_key_file: cannot read"),
+        "{p:?}"
+    );
+    let p = route("client_cert_file = \"gone.crt\"\nclient_key_file = \"client.key\"").unwrap_err();
+    assert!(
+        p[0].starts_with("routes[0].client_cert_file: cannot read"),
+        "{p:?}"
+    );
+    // No key material in any message.
+    let pem = std::fs::read_to_string(dir.path().join("client.key")).unwrap();
+    let body = pem.lines().nth(1).unwrap();
+    assert!(p.iter().all(|l| !l.contains(body)));
+}
+
+#[test]
+fn allow_connect_needs_a_connect_allow_entry_covering_the_route() {
+    let with = |allow: &str, route: &str| {
+        GOOD.replace(
+            "listen = \"127.0.0.1:0\"\n",
+            &format!("listen = \"127.0.0.1:0\"\nconnect_allow = [{allow}]\n"),
+        ) + &format!("\n[[routes]]\n{route}\nprofile = \"billing\"\nallow_connect = true\n")
+    };
+    // Covered: exact by wildcard, wildcard by a host under it, any port.
+    for (allow, route) in [
+        ("\"*.corp.test:443\"", "host = \"api.corp.test\""),
+        ("\"a.b.corp.test:8443\"", "host = \"*.corp.test\""),
+        (
+            "\"API.corp.test.:443\"",
+            "host = \"api.corp.test:8080\"\nupstream = \"https://api.corp.test\"",
+        ),
+        ("\"*.corp.test:443\"", "host = \"*.x.corp.test\""),
+    ] {
+        let dir = dir_with_secret();
+        let c =
+            load(&with(allow, route), &dir).unwrap_or_else(|e| panic!("{allow} / {route}: {e}"));
+        assert!(c.routes[2].allow_connect);
+        assert!(!c.routes[0].allow_connect, "off by default");
+    }
+    // Not covered: nothing listed, another host, a name that only ends alike.
+    for (allow, route, host) in [
+        ("", "host = \"api.corp.test\"", "api.corp.test"),
+        (
+            "\"other.test:443\"",
+            "host = \"api.corp.test\"",
+            "api.corp.test",
+        ),
+        (
+            "\"xcorp.test:443\"",
+            "host = \"*.corp.test\"",
+            "*.corp.test",
+        ),
+        ("\"corp.test:443\"", "host = \"*.corp.test\"", "*.corp.test"),
+    ] {
+        assert_eq!(
+            problems(&with(allow, route)),
+            vec![format!(
+                "routes[2].allow_connect: has no effect: no proxy.connect_allow entry covers {host}; add e.g. \"{host}:443\" there"
+            )],
+            "{allow} / {route}"
+        );
+    }
+    let p = problems(&format!(
+        "{GOOD}\n[[routes]]\nhost = \"x.test\"\nprofile = \"billing\"\nallow_connect = \"yes\"\n"
+    ));
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("routes.2.allow_connect") || l.contains("allow_connect")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn connect_allow_entries_need_a_port() {
+    let text = GOOD.replace(
+        "listen = \"127.0.0.1:0\"\n",
+        "listen = \"127.0.0.1:0\"\nconnect_allow = [\"ok.test:443\", \"*.w.test:443\", \"noport.test\", \"bad host:443\"]\n",
+    );
+    let p = problems(&text);
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(
+        p[0].starts_with("proxy.connect_allow[2]: \"noport.test\" needs a port"),
+        "{p:?}"
+    );
+    assert!(p[1].starts_with("proxy.connect_allow[3]: "), "{p:?}");
+}

@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod headers;
+pub mod tunnel;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -53,6 +54,13 @@ pub struct Route {
     target: Target,
     store: Arc<token::Store>,
     client: HttpsClient,
+    /// HTTP/1.1 only, for upgrades (there is no `Upgrade` in HTTP/2).
+    upgrade_client: HttpsClient,
+    /// Whether the proxy sets `Host` itself: only when `client` speaks
+    /// HTTP/1.1 alone. A pool that may speak HTTP/2 adds `Host` on its
+    /// HTTP/1 connections; over HTTP/2 the authority travels as
+    /// `:authority` only (nginx refuses a `host` beside it as a duplicate).
+    own_host: bool,
     metrics: RouteMetrics,
 }
 
@@ -89,9 +97,24 @@ impl Route {
             label,
             target,
             store,
+            upgrade_client: client.clone(),
             client,
+            own_host: true,
             metrics,
         }
+    }
+
+    /// The protocol `client` was built for: who sets `Host`.
+    pub fn with_protocol(mut self, protocol: crate::config::UpstreamProtocol) -> Self {
+        self.own_host = protocol == crate::config::UpstreamProtocol::Http1;
+        self
+    }
+
+    /// The client for upgrade requests, when the route's own pool may speak
+    /// HTTP/2 (ALPN `auto` or `http2`).
+    pub fn with_upgrade_client(mut self, client: HttpsClient) -> Self {
+        self.upgrade_client = client;
+        self
     }
 }
 
@@ -114,6 +137,8 @@ pub struct Proxy {
     passthrough: HttpsClient,
     /// Requests that matched no route (label "-").
     unrouted: RouteMetrics,
+    /// CONNECT policy and tunnel metrics.
+    tunnels: tunnel::Tunnels,
 }
 
 impl Proxy {
@@ -136,7 +161,14 @@ impl Proxy {
             settings,
             passthrough,
             unrouted,
+            tunnels: tunnel::Tunnels::deny_all(),
         }
+    }
+
+    /// Sets the CONNECT policy (default: every CONNECT refused).
+    pub fn with_tunnels(mut self, tunnels: tunnel::Tunnels) -> Self {
+        self.tunnels = tunnels;
+        self
     }
 
     /// Handles one request; every failure becomes a response here. The
@@ -149,6 +181,24 @@ impl Proxy {
         deadline: Duration,
     ) -> Response<Body> {
         let started = Instant::now();
+        if req.method() == Method::CONNECT {
+            let response =
+                match tokio::time::timeout(deadline, self.tunnels.connect(entry, &self.table, req))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Error::new(
+                        Kind::UpstreamTimeout,
+                        format!("no answer within proxy.request_timeout ({deadline:?})"),
+                    )
+                    .into_response(),
+                };
+            let status = response.status().as_u16();
+            self.unrouted
+                .observe(status, started.elapsed().as_secs_f64());
+            tracing::debug!(route = "-", status, "CONNECT");
+            return response;
+        }
         let (route, response) = match self.resolve(entry, &req) {
             Err(e) => (None, e.into_response()),
             Ok(target) => {
@@ -208,12 +258,6 @@ impl Proxy {
 
     /// Where a request goes, decided before anything waits.
     fn resolve(&self, entry: &Entry, req: &Request<Incoming>) -> Result<Resolved, Error> {
-        if req.method() == Method::CONNECT {
-            return Err(Error::new(
-                Kind::NoRoute,
-                "CONNECT tunnels are not allowed: token injection needs plain HTTP to the proxy (http:// URLs)",
-            ));
-        }
         headers::check_framing(req.headers())?;
         match entry {
             Entry::Dedicated(label) => self
@@ -245,8 +289,26 @@ impl Proxy {
     async fn forward(
         &self,
         route: &Route,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Error> {
+        let upgrade = tunnel::Upgrade::take(&mut req);
+        let response = self.exchange(route, req, upgrade.as_ref()).await?;
+        Ok(match upgrade {
+            Some(u) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                u.switch(response, self.tunnels.metrics())
+            }
+            _ => finish(response),
+        })
+    }
+
+    /// The token on the request, the request upstream, the response head
+    /// back (after one retry with a fresh token on a 401).
+    async fn exchange(
+        &self,
+        route: &Route,
+        req: Request<Incoming>,
+        upgrade: Option<&tunnel::Upgrade>,
+    ) -> Result<Response<Incoming>, Error> {
         let token = match route.store.current() {
             Some(t) => t,
             None => route
@@ -258,24 +320,32 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let (uri, host_header) = upstream_uri(&route.target, &parts.uri, &parts.headers)?;
         headers::strip_hop_by_hop(&mut parts.headers);
-        parts.headers.insert(header::HOST, host_header);
+        if route.own_host || upgrade.is_some() {
+            parts.headers.insert(header::HOST, host_header);
+        } else {
+            parts.headers.remove(header::HOST);
+        }
         headers::inject(&mut parts.headers, token.header());
+        let client = match upgrade {
+            Some(u) => {
+                u.restore(&mut parts.headers);
+                &route.upgrade_client
+            }
+            None => &route.client,
+        };
 
         // Buffer small bodies so a 401 (or a stale pooled connection) can be
         // retried; stream the rest.
         let bytes = match replayable(body, self.settings.replay_buffer).await? {
             Replay::Stream(body) => {
                 let request = outgoing(parts.method, uri, parts.headers, Either::Left(body));
-                return Ok(finish(
-                    self.send(&route.client, request, Some(&route.metrics))
-                        .await?,
-                ));
+                return self.send(client, request, Some(&route.metrics)).await;
             }
             Replay::Buffered(bytes) => bytes,
         };
         let response = self
             .send_replayable(
-                &route.client,
+                client,
                 &parts.method,
                 &uri,
                 &parts.headers,
@@ -284,32 +354,30 @@ impl Proxy {
             )
             .await?;
         if response.status() != StatusCode::UNAUTHORIZED {
-            return Ok(finish(response));
+            return Ok(response);
         }
         // The upstream refused our token: drop it, get a fresh one, retry once.
         match route.store.invalidate(&token) {
-            Invalidated::RateLimited => return Ok(finish(response)),
+            Invalidated::RateLimited => return Ok(response),
             Invalidated::Refetching | Invalidated::AlreadyReplaced => {}
         }
         let fresh = match route.store.get(self.settings.token_wait).await {
             Ok(t) => t,
-            Err(_) => return Ok(finish(response)),
+            Err(_) => return Ok(response),
         };
         tracing::debug!(route = %route.label, "upstream answered 401; retrying with a fresh token");
         headers::inject(&mut parts.headers, fresh.header());
         drop(response);
         route.metrics.unauthorized_retry();
-        Ok(finish(
-            self.send_replayable(
-                &route.client,
-                &parts.method,
-                &uri,
-                &parts.headers,
-                &bytes,
-                Some(&route.metrics),
-            )
-            .await?,
-        ))
+        self.send_replayable(
+            client,
+            &parts.method,
+            &uri,
+            &parts.headers,
+            &bytes,
+            Some(&route.metrics),
+        )
+        .await
     }
 
     /// Sends a request whose body we hold. An idempotent one is sent once
@@ -407,7 +475,8 @@ impl Proxy {
     }
 
     /// `unmatched = "passthrough"`: forward as a plain proxy, no token added.
-    async fn passthrough(&self, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+    async fn passthrough(&self, mut req: Request<Incoming>) -> Result<Response<Body>, Error> {
+        let upgrade = tunnel::Upgrade::take(&mut req);
         let (mut parts, body) = req.into_parts();
         if parts.uri.authority().is_none() {
             let host = parts
@@ -433,23 +502,33 @@ impl Proxy {
             parts.headers.insert(header::HOST, host);
         }
         headers::strip_hop_by_hop(&mut parts.headers);
-        if body.is_end_stream() {
-            // No body to lose: a stale pooled connection may be retried.
-            let response = self
-                .send_replayable(
-                    &self.passthrough,
-                    &parts.method,
-                    &parts.uri,
-                    &parts.headers,
-                    &Bytes::new(),
-                    None,
-                )
-                .await?;
-            return Ok(finish(response));
+        // Upgrades (ws://) pass through to plain http:// targets only: to an
+        // https:// one this pool may speak HTTP/2, which has no Upgrade.
+        let upgrade = upgrade.filter(|_| parts.uri.scheme() == Some(&Scheme::HTTP));
+        if let Some(u) = &upgrade {
+            u.restore(&mut parts.headers);
         }
-        let request = outgoing(parts.method, parts.uri, parts.headers, Either::Left(body));
-        let response = self.send(&self.passthrough, request, None).await?;
-        Ok(finish(response))
+        let response = if body.is_end_stream() {
+            // No body to lose: a stale pooled connection may be retried.
+            self.send_replayable(
+                &self.passthrough,
+                &parts.method,
+                &parts.uri,
+                &parts.headers,
+                &Bytes::new(),
+                None,
+            )
+            .await?
+        } else {
+            let request = outgoing(parts.method, parts.uri, parts.headers, Either::Left(body));
+            self.send(&self.passthrough, request, None).await?
+        };
+        Ok(match upgrade {
+            Some(u) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                u.switch(response, self.tunnels.metrics())
+            }
+            _ => finish(response),
+        })
     }
 }
 

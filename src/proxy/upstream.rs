@@ -1,11 +1,17 @@
 //! The pooled upstream client: hyper-util's client over rustls, keep-alive
-//! and TLS session resumption, web PKI roots plus a route's `ca_file`.
-//! Routes with the same trust and protocol share one pool.
+//! and TLS session resumption (not with a client certificate: see
+//! [`crate::tls::client_config_rotating`]), web PKI roots plus a route's
+//! `ca_file`.
+//! ALPN offers h2 and http/1.1 unless the route forces one; HTTP/2 streams
+//! multiplex over one pooled connection per upstream. Routes with the same
+//! trust, protocol and client certificate share one pool; a different
+//! client certificate never shares a connection.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -14,12 +20,12 @@ use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{self, UpstreamProtocol};
+use crate::config::{self, ClientCert, UpstreamProtocol};
 
 use super::Body;
 
@@ -61,25 +67,58 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// One client per distinct (CA file, protocol).
+/// Why a pool could not be built, by the route key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Trust(crate::tls::Error),
+    #[error(transparent)]
+    ClientCert(crate::tls::Error),
+}
+
+impl PoolError {
+    /// The route key to name in the error.
+    pub fn key(&self) -> &'static str {
+        match self {
+            PoolError::Trust(_) => "ca_file",
+            PoolError::ClientCert(_) => "client_cert_file",
+        }
+    }
+
+    pub fn into_tls(self) -> crate::tls::Error {
+        match self {
+            PoolError::Trust(e) | PoolError::ClientCert(e) => e,
+        }
+    }
+}
+
+type PoolKey = (Option<PathBuf>, UpstreamProtocol, Option<ClientCert>);
+
+/// One client per distinct (CA file, protocol, client certificate).
 #[derive(Default)]
 pub struct Pools {
-    clients: HashMap<(Option<PathBuf>, UpstreamProtocol), HttpsClient>,
+    clients: HashMap<PoolKey, HttpsClient>,
 }
 
 impl Pools {
-    /// The client for this trust and protocol, built on first use.
+    /// The client for this trust, protocol and identity, built on first use.
     pub fn get(
         &mut self,
         ca_file: Option<&PathBuf>,
         protocol: UpstreamProtocol,
+        client_cert: Option<&ClientCert>,
         settings: &config::Upstream,
-    ) -> Result<HttpsClient, crate::tls::Error> {
-        let key = (ca_file.cloned(), protocol);
+    ) -> Result<HttpsClient, PoolError> {
+        let key = (ca_file.cloned(), protocol, client_cert.cloned());
         if let Some(c) = self.clients.get(&key) {
             return Ok(c.clone());
         }
-        let client = build(ca_file.map(|p| p.as_path()), protocol, settings)?;
+        let client = build(
+            ca_file.map(|p| p.as_path()),
+            protocol,
+            client_cert,
+            settings,
+        )?;
         self.clients.insert(key, client.clone());
         Ok(client)
     }
@@ -88,24 +127,35 @@ impl Pools {
 fn build(
     ca_file: Option<&std::path::Path>,
     protocol: UpstreamProtocol,
+    client_cert: Option<&ClientCert>,
     settings: &config::Upstream,
-) -> Result<HttpsClient, crate::tls::Error> {
-    let tls = crate::tls::client_config(ca_file, &[])?;
+) -> Result<HttpsClient, PoolError> {
+    let mut tls = match client_cert {
+        None => crate::tls::client_config(ca_file, &[]).map_err(PoolError::Trust)?,
+        Some(c) => {
+            let identity = crate::tls::RotatingIdentity::load(&c.cert_file, &c.key_file)
+                .map_err(PoolError::ClientCert)?;
+            crate::tls::client_config_rotating(ca_file, Arc::new(identity))
+                .map_err(PoolError::Trust)?
+        }
+    };
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    // https_or_http: routes always use https (validated); plain http is only
-    // for `unmatched = "passthrough"`, which sends no token.
-    let builder = HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http();
-    let inner = match protocol {
-        UpstreamProtocol::Auto => builder.enable_all_versions().wrap_connector(http),
-        UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
-        UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(http),
+    // ALPN: what the route allows. hyper-util reads the negotiated protocol
+    // and speaks h2 on the connection when the server picked it. Offering
+    // `http/1.1` alone (rather than nothing) lets servers that insist on
+    // ALPN accept a route forced to HTTP/1.1.
+    tls.alpn_protocols = match protocol {
+        UpstreamProtocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
+        UpstreamProtocol::Http2 => vec![b"h2".to_vec()],
     };
+    // Not https-only: routes always use https (validated); plain http is
+    // only for `unmatched = "passthrough"`, which sends no token.
+    let inner = HttpsConnector::from((http, Arc::new(tls)));
     let connector = Connector {
         inner,
         limit: settings.connect_timeout + settings.tls_timeout,
@@ -115,8 +165,11 @@ fn build(
         .pool_idle_timeout(settings.pool_idle_timeout)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        // The proxy sets Host itself, to the upstream's authority.
-        .set_host(false);
+        // On HTTP/1-only pools the proxy sets Host itself, to the upstream's
+        // authority (no formatting per request). A pool that may speak
+        // HTTP/2 leaves it to hyper-util, which adds Host on HTTP/1
+        // connections only: over HTTP/2 the authority is `:authority`.
+        .set_host(protocol != UpstreamProtocol::Http1);
     if protocol == UpstreamProtocol::Http2 {
         client.http2_only(true);
     }
