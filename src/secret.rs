@@ -165,6 +165,11 @@ pub fn files(config: &crate::config::Config) -> Vec<(String, PathBuf)> {
             | ClientAuth::ClientAssertion(Source::Env(_)) => {}
         }
     }
+    for (i, route) in config.routes.iter().enumerate() {
+        if let Some(cert) = &route.client_cert {
+            out.push((format!("routes[{i}].client_key_file"), cert.key_file.clone()));
+        }
+    }
     out
 }
 
@@ -334,6 +339,35 @@ mod tests {
         let exposed = tracing::subscriber::with_default(sub, || warn_exposed_files(&config));
         assert!(exposed.is_empty(), "{exposed:?}");
         assert!(buf.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_routes_upstream_client_key_is_checked_too() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["client.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("up.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("up.key"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("secret"), "s\n").unwrap();
+        for (f, mode) in [("up.key", 0o644), ("secret", 0o600)] {
+            std::fs::set_permissions(dir.path().join(f), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        }
+        let config = config_with(
+            dir.path(),
+            "[profiles.basic]\ntoken_url = \"https://idp.test/t\"\nclient_id = \"c\"\n\
+             client_secret_file = \"secret\"\n\
+             [[routes]]\nhost = \"api.test\"\nprofile = \"basic\"\n\
+             client_cert_file = \"up.crt\"\nclient_key_file = \"up.key\"\n",
+        );
+        let (sub, _buf) = capture();
+        let exposed = tracing::subscriber::with_default(sub, || warn_exposed_files(&config));
+        let keys: Vec<&str> = exposed.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["routes[0].client_key_file"]);
     }
 
     #[test]
