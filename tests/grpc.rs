@@ -656,8 +656,13 @@ async fn unauthorized_grpc_call_is_counted_not_retried() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(retries, 0.0);
-    assert_eq!(w.tokens.state.count(), fetches);
-    // The next call works again.
+    // The refused token is dropped: one new token fetch, and the next call
+    // carries the new token.
+    w.tokens
+        .state
+        .wait_for_requests(fetches + 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(w.tokens.state.count(), fetches + 1);
     unary(
         &mut client,
         tonic::Request::new(Bytes::from_static(b"y")),
@@ -665,6 +670,12 @@ async fn unauthorized_grpc_call_is_counted_not_retried() {
     )
     .await
     .unwrap();
+    let calls = w.calls();
+    assert_eq!(calls.len(), 3);
+    assert_ne!(
+        calls[2].authorization, calls[1].authorization,
+        "the call after the 401 carries a new token"
+    );
     w.running.shutdown().await;
 }
 

@@ -339,7 +339,14 @@ impl Proxy {
         let bytes = match replayable(body, self.settings.replay_buffer).await? {
             Replay::Stream(body) => {
                 let request = outgoing(parts.method, uri, parts.headers, Either::Left(body));
-                return self.send(client, request, Some(&route.metrics)).await;
+                let response = self.send(client, request, Some(&route.metrics)).await?;
+                if response.status() == StatusCode::UNAUTHORIZED {
+                    // The body is gone, so no retry (gRPC calls land here),
+                    // but the next request must not carry the refused token.
+                    // Rate-limited like the retry path's refetch.
+                    let _ = route.store.invalidate(&token);
+                }
+                return Ok(response);
             }
             Replay::Buffered(bytes) => bytes,
         };
