@@ -357,6 +357,18 @@ impl Activity {
                 PROTO_H1
             };
             self.proto.store(proto, Ordering::Relaxed);
+            if proto == PROTO_H2 {
+                // The preface opens a connection, not a request: until its
+                // first stream the connection is idle, not slow to send a
+                // head (clients such as gRPC's connect before they call).
+                let mut s = self.lock();
+                if let Phase::Head(_) = s.phase {
+                    s.phase = Phase::Idle(Instant::now());
+                    self.idle.store(true, Ordering::Release);
+                    drop(s);
+                    self.changed.notify_one();
+                }
+            }
         }
         // HTTP/2 frames between streams (pings, settings) are not a request
         // head; its connections stay idle until a stream opens.
@@ -666,6 +678,16 @@ mod tests {
         a.on_read(&H2_PREFACE[..10]);
         drop(a.busy());
         a.on_read(b"\x00\x00\x08\x06");
+        assert_eq!(
+            expires_within(&a, SHORT, Duration::from_millis(100)).await,
+            Some("proxy.idle_timeout")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_http2_preface_starts_the_idle_bound() {
+        let a = Activity::new();
+        a.on_read(H2_PREFACE);
         assert_eq!(
             expires_within(&a, SHORT, Duration::from_millis(100)).await,
             Some("proxy.idle_timeout")

@@ -510,6 +510,47 @@ async fn reloaded_limits_apply_to_new_connections() {
     app.shutdown().await;
 }
 
+/// An HTTP/2 client that connects early (tonic, grpc-go) may open its first
+/// stream long after the preface: that wait is idle time, not a slow head.
+#[tokio::test]
+async fn h2c_connection_may_wait_past_the_header_bound_before_its_first_stream() {
+    let w = World::new(Mode::Issue(60.0)).await;
+    let app = w
+        .start(&config_with(
+            &w,
+            "header_read_timeout = \"300ms\"\nidle_timeout = \"5s\"",
+            "",
+            "",
+        ))
+        .await;
+    let stream = TcpStream::connect(app.proxy_addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    // The passing of time is what is tested: twice the header bound.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        !conn.is_finished(),
+        "the connection was closed before its first stream"
+    );
+    let r = sender
+        .send_request(
+            http::Request::get("http://api.test/first")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.into_body().collect().await.unwrap();
+    drop(sender);
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn h2c_connection_is_idle_between_streams_then_closed() {
     let w = World::new(Mode::Issue(60.0)).await;
