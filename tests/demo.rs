@@ -14,9 +14,41 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-injector");
 
+/// A demo process that a failing test stops too: SIGINT first, so it
+/// removes its directory, SIGKILL if it does not exit.
+struct Process(Child);
+
+impl Process {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn interrupt(&self) {
+        let sent = Command::new("kill")
+            .args(["-INT", &self.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-INT", &self.id().to_string()])
+                .status();
+            if wait_with_deadline(&mut self.0, Duration::from_secs(5)).is_none() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+}
+
 /// A demo process and what it printed.
 struct Demo {
-    child: Child,
+    child: Process,
     banner: Vec<String>,
     stderr: Arc<Mutex<String>>,
     proxy: SocketAddr,
@@ -82,6 +114,7 @@ impl Demo {
         let stderr = collect(child.stderr.take().unwrap());
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();
+        let child = Process(child);
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if tx.send(line).is_err() {
@@ -102,7 +135,6 @@ impl Demo {
                     }
                 }
                 Err(e) => {
-                    let _ = child.kill();
                     panic!(
                         "no banner ({e}); stdout so far: {banner:#?}\nstderr: {}",
                         stderr.lock().unwrap()
@@ -157,13 +189,6 @@ impl Demo {
 
     fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -302,12 +327,8 @@ fn demo_injects_renews_and_stops_on_ctrl_c() {
     assert!(!log.contains("panicked"), "{log}");
 
     // (5) Ctrl-C: exit 0 within 10 s, the directory removed.
-    let killed = Command::new("kill")
-        .args(["-INT", &demo.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = wait_with_deadline(&mut demo.child, Duration::from_secs(10))
+    demo.child.interrupt();
+    let status = wait_with_deadline(&mut demo.child.0, Duration::from_secs(10))
         .unwrap_or_else(|| panic!("still running 10 s after SIGINT:\n{}", demo.stderr()));
     assert_eq!(status.code(), Some(0), "{}", demo.stderr());
     assert!(!dir.exists(), "{} is left behind", dir.display());
@@ -329,12 +350,10 @@ fn assert_refused(args: &[&str], busy: SocketAddr, flag: &str) {
     let mut child = command(args).spawn().unwrap();
     let stderr = collect(child.stderr.take().unwrap());
     let _stdout = collect(child.stdout.take().unwrap());
-    let status = wait_with_deadline(&mut child, Duration::from_secs(10));
+    let mut child = Process(child);
+    let status = wait_with_deadline(&mut child.0, Duration::from_secs(10));
     let pid = child.id();
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(child);
     // The reader threads see the pipes close with the process.
     std::thread::sleep(Duration::from_millis(100));
     let err = stderr.lock().unwrap().clone();
