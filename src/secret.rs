@@ -167,7 +167,10 @@ pub fn files(config: &crate::config::Config) -> Vec<(String, PathBuf)> {
     }
     for (i, route) in config.routes.iter().enumerate() {
         if let Some(cert) = &route.client_cert {
-            out.push((format!("routes[{i}].client_key_file"), cert.key_file.clone()));
+            out.push((
+                format!("routes[{i}].client_key_file"),
+                cert.key_file.clone(),
+            ));
         }
     }
     out
