@@ -474,3 +474,41 @@ async fn pool_recovers_after_the_upstream_idle_timeout_closes_a_connection() {
     );
     app.shutdown().await;
 }
+
+/// An upstream response head larger than `upstream.max_header_bytes` (16 KiB
+/// by default, the ceiling of each pooled connection's read buffer) is a
+/// 502 naming the key; raising the key lets it through.
+#[tokio::test]
+async fn oversized_upstream_response_head_is_502_naming_the_limit() {
+    let w = World::new(Mode::Issue(60.0)).await;
+    let big = serve(Some(w.pki.server_config(&["localhost"])), |_req| async {
+        Response::builder()
+            .header("x-big", "a".repeat(20 * 1024))
+            .body(full("ok"))
+            .unwrap()
+    })
+    .await;
+    let routes = route("big.test", big.port());
+    for (limit, want) in [("", 502u16), ("max_header_bytes = 32768", 200)] {
+        let text = w.config("", &routes).replace(
+            "response_timeout = \"5s\"\n",
+            &format!("response_timeout = \"5s\"\n{limit}\n"),
+        );
+        let app = w.start(&text).await;
+        let r = proxied_client(app.proxy_addr())
+            .get("http://big.test/")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), want, "limit {limit:?}");
+        if want == 502 {
+            assert_eq!(error_kind(&r).as_deref(), Some("upstream_unreachable"));
+            let body = r.text().await.unwrap();
+            assert!(body.contains("upstream.max_header_bytes"), "{body}");
+        } else {
+            assert_eq!(r.headers()["x-big"].len(), 20 * 1024);
+        }
+        assert_still_serves(&w, &app).await;
+        app.shutdown().await;
+    }
+}

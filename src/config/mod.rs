@@ -37,6 +37,10 @@ const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 const MIN_HEADER_BYTES: usize = 8 * 1024;
 const MAX_HEADER_BYTES: usize = 1024 * 1024;
 const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// `upstream.max_header_bytes`: haproxy's default buffer; hyper's own
+/// default (~400 KiB) let each pooled connection's read buffer grow to that
+/// size under large bodies (60-73 MiB at 128 connections with 64 KiB bodies).
+const DEFAULT_UPSTREAM_HEADER_BYTES: usize = 16 * 1024;
 /// hyper sizes its header array by `proxy.max_headers` for every request.
 const MAX_HEADERS: usize = 1000;
 const MAX_CONNECTIONS: usize = 1_000_000;
@@ -112,6 +116,9 @@ pub struct Upstream {
     pub body_idle_timeout: Duration,
     /// Request bodies up to this size are buffered so a 401 can be retried.
     pub replay_buffer: usize,
+    /// The largest upstream response head; also the ceiling of each
+    /// upstream HTTP/1 connection's read buffer.
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -559,6 +566,12 @@ impl Validator<'_> {
                 .unwrap_or(64 * 1024)
                 .try_into()
                 .unwrap_or(usize::MAX),
+            max_header_bytes: self.count(
+                "upstream.max_header_bytes",
+                u.max_header_bytes,
+                DEFAULT_UPSTREAM_HEADER_BYTES,
+                MIN_HEADER_BYTES..=MAX_HEADER_BYTES,
+            ),
         };
         for (key, d) in [
             ("upstream.connect_timeout", upstream.connect_timeout),

@@ -67,6 +67,7 @@ pub struct RawUpstream {
     pub pool_idle_timeout: Option<String>,
     pub body_idle_timeout: Option<String>,
     pub replay_buffer: Option<u64>,
+    pub max_header_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

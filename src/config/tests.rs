@@ -468,12 +468,13 @@ fn limits_have_safe_defaults() {
     assert_eq!(c.proxy.max_headers, 100);
     assert_eq!(c.proxy.max_connections, 4096);
     assert_eq!(c.upstream.body_idle_timeout, Duration::from_secs(300));
+    assert_eq!(c.upstream.max_header_bytes, 16 * 1024);
 }
 
 #[test]
 fn limits_are_read_from_toml_and_environment() {
     let dir = dir_with_secret();
-    let text = format!("{GOOD}\n[upstream]\nbody_idle_timeout = \"1m\"\n").replace(
+    let text = format!("{GOOD}\n[upstream]\nbody_idle_timeout = \"1m\"\nmax_header_bytes = 32768\n").replace(
         "[proxy]\n",
         "[proxy]\nheader_read_timeout = \"2s\"\nidle_timeout = \"90s\"\nrequest_timeout = \"30s\"\nmax_header_bytes = 16384\nmax_headers = 50\n",
     );
@@ -489,12 +490,13 @@ fn limits_are_read_from_toml_and_environment() {
     assert_eq!(c.proxy.max_headers, 50);
     assert_eq!(c.proxy.max_connections, 12);
     assert_eq!(c.upstream.body_idle_timeout, Duration::from_secs(60));
+    assert_eq!(c.upstream.max_header_bytes, 32768);
 }
 
 #[test]
 fn bad_limits_are_all_reported_by_key() {
     let text = format!(
-        "{GOOD}\n[upstream]\nbody_idle_timeout = \"0s\"\n"
+        "{GOOD}\n[upstream]\nbody_idle_timeout = \"0s\"\nmax_header_bytes = 100\n"
     )
     .replace(
         "[proxy]\n",
@@ -509,13 +511,14 @@ fn bad_limits_are_all_reported_by_key() {
         "proxy.max_headers: 0 is out of range; expected 1 to 1000",
         "proxy.max_connections: 0 is out of range; expected 1 to 1000000",
         "upstream.body_idle_timeout: must be greater than zero",
+        "upstream.max_header_bytes: 100 is out of range; expected 8192 to 1048576",
     ] {
         assert!(
             p.iter().any(|l| l.starts_with(want)),
             "{want:?} not in {p:#?}"
         );
     }
-    assert_eq!(p.len(), 7, "{p:#?}");
+    assert_eq!(p.len(), 8, "{p:#?}");
 }
 
 #[test]

@@ -719,7 +719,15 @@ fn finish(response: Response<Incoming>) -> Response<Body> {
 
 fn upstream_error(upstream: &str, e: &hyper_util::client::legacy::Error) -> Error {
     let chain = token::client::error_chain(e);
-    if e.is_connect() {
+    let head_too_large = std::iter::successors(std::error::Error::source(e), |e| e.source())
+        .filter_map(|e| e.downcast_ref::<hyper::Error>())
+        .any(hyper::Error::is_parse_too_large);
+    if head_too_large {
+        Error::new(
+            Kind::UpstreamUnreachable,
+            format!("{upstream} sent a response head larger than upstream.max_header_bytes"),
+        )
+    } else if e.is_connect() {
         Error::new(
             Kind::UpstreamUnreachable,
             format!("cannot connect to {upstream}: {chain}"),

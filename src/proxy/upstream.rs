@@ -169,7 +169,9 @@ fn build(
         // authority (no formatting per request). A pool that may speak
         // HTTP/2 leaves it to hyper-util, which adds Host on HTTP/1
         // connections only: over HTTP/2 the authority is `:authority`.
-        .set_host(protocol != UpstreamProtocol::Http1);
+        .set_host(protocol != UpstreamProtocol::Http1)
+        // Bounds the response head and each connection's read buffer.
+        .http1_max_buf_size(settings.max_header_bytes);
     if protocol == UpstreamProtocol::Http2 {
         client.http2_only(true);
     }
