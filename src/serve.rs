@@ -71,6 +71,11 @@ impl Limits {
             // connection waits for its next request, so it would cut idle
             // connections at the header bound: `Activity` keeps both apart.
             .header_read_timeout(None)
+            // An app that closes its side after sending (or goes away
+            // mid-request) does not cancel the upstream exchange: the answer
+            // is written or fails, and a short upstream body is then read
+            // out so its pooled connection is kept (see `Tracked`).
+            .half_close(true)
             // A head that does not fit the read buffer is answered 431.
             .max_buf_size(self.max_header_bytes)
             .max_headers(self.max_headers);
@@ -228,7 +233,7 @@ pub async fn accept_loop(
 /// themselves (they start their own drain timer when they see the signal).
 const TUNNEL_CLOSE_GRACE: Duration = Duration::from_millis(250);
 
-type Served = Response<Tracked<proxy::Body>>;
+type Served = Response<Tracked>;
 
 /// The per-connection service: the config current when a request arrives,
 /// bounded by `request_timeout` until its response head, with a body that
@@ -546,25 +551,68 @@ impl AsyncWrite for TrackedIo {
 /// when the upstream makes it wait longer than `idle` for the next frame.
 /// Time the client takes to read is not counted: the timer runs only while
 /// the body itself is pending.
-pub struct Tracked<B> {
-    inner: B,
+///
+/// Dropped before its end (the app went away mid-response), an upstream
+/// body with at most [`DRAIN_MAX`] bytes left is read to its end in the
+/// background, so its pooled connection is reused instead of closed and
+/// re-opened with a new TLS handshake (what nginx's
+/// `proxy_ignore_client_abort` buys).
+pub struct Tracked {
+    inner: proxy::Body,
     busy: Option<BusyGuard>,
     idle: Duration,
     /// Armed at the first pending poll after a frame; made on first need,
     /// so bodies that never wait (the proxy's own answers) cost no timer.
     stall: Option<Pin<Box<Sleep>>>,
     waiting: bool,
+    ended: bool,
 }
 
-impl<B> Tracked<B> {
-    fn new(inner: B, busy: BusyGuard, idle: Duration) -> Self {
+/// Largest remainder of an abandoned upstream body worth reading to keep
+/// its connection, and how long that may take.
+pub const DRAIN_MAX: u64 = 64 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+impl Tracked {
+    fn new(inner: proxy::Body, busy: BusyGuard, idle: Duration) -> Self {
         Self {
             inner,
             busy: Some(busy),
             idle,
             stall: None,
             waiting: false,
+            ended: false,
         }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.ended || self.inner.is_end_stream() {
+            return;
+        }
+        let http_body_util::Either::Left(upstream) = &self.inner else {
+            return;
+        };
+        if !upstream.size_hint().upper().is_some_and(|n| n <= DRAIN_MAX) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let body = std::mem::replace(
+            &mut self.inner,
+            http_body_util::Either::Right(http_body_util::Full::new(Bytes::new())),
+        );
+        runtime.spawn(async move {
+            use http_body_util::BodyExt;
+            let mut body = body;
+            let discard = async {
+                // Frames are dropped as they come: nothing is held.
+                while let Some(Ok(_)) = body.frame().await {}
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
+        });
     }
 }
 
@@ -573,11 +621,7 @@ impl<B> Tracked<B> {
 #[error("the upstream response body made no progress within upstream.body_idle_timeout ({0:?})")]
 pub struct BodyStalled(Duration);
 
-impl<B> Body for Tracked<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl Body for Tracked {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -593,10 +637,12 @@ where
             }
             Poll::Ready(Some(Err(e))) => {
                 this.busy = None;
+                this.ended = true;
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
                 this.busy = None;
+                this.ended = true;
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -610,6 +656,7 @@ where
                 }
                 if stall.as_mut().poll(cx).is_ready() {
                     this.busy = None;
+                    this.ended = true;
                     tracing::debug!(idle = ?this.idle, "response body stalled; cutting it off");
                     return Poll::Ready(Some(Err(Box::new(BodyStalled(this.idle)))));
                 }

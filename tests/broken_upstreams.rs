@@ -512,3 +512,123 @@ async fn oversized_upstream_response_head_is_502_naming_the_limit() {
         app.shutdown().await;
     }
 }
+
+/// An app that goes away while its request is at the upstream does not cost
+/// the upstream connection: the exchange goes on, the answer's short body is
+/// read out in the background, and the connection goes back to the pool, so
+/// a later request needs no new TCP and TLS handshake (load generators and
+/// clients with timeouts abort like this all the time).
+#[tokio::test]
+async fn app_closing_during_the_exchange_keeps_the_pooled_connection() {
+    app_abort_keeps_the_pooled_connection(false).await;
+}
+
+/// The same when the app resets its connection: writing the answer fails at
+/// once, with the upstream body still unread.
+#[tokio::test]
+async fn app_resetting_during_the_exchange_keeps_the_pooled_connection() {
+    app_abort_keeps_the_pooled_connection(true).await;
+}
+
+/// A TLS upstream answering 32 KiB with `x-conn: <connection number>`;
+/// requests for `/gated` wait for the returned gate before answering.
+async fn gated_upstream(pki: &Pki) -> (SocketAddr, Arc<tokio::sync::Notify>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&["localhost"]));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let g = Arc::clone(&gate);
+    tokio::spawn(async move {
+        let mut id = 0usize;
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            id += 1;
+            let (acceptor, g) = (acceptor.clone(), Arc::clone(&g));
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req: http::Request<_>| {
+                    let g = Arc::clone(&g);
+                    async move {
+                        // 32 KiB in two frames; on /gated only once the gate opens.
+                        if req.uri().path() == "/gated" {
+                            g.notified().await;
+                        }
+                        let chunk = |b| {
+                            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                Bytes::from(vec![b; 16384]),
+                            ))
+                        };
+                        let body = http_body_util::StreamBody::new(futures_util::stream::iter([
+                            chunk(b'a'),
+                            chunk(b'b'),
+                        ]));
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder()
+                                .header("content-length", "32768")
+                                .header("x-conn", id.to_string())
+                                .body(body)
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, gate)
+}
+
+async fn app_abort_keeps_the_pooled_connection(reset: bool) {
+    let w = World::new(Mode::Issue(60.0)).await;
+    let (addr, gate) = gated_upstream(&w.pki).await;
+    let app = w
+        .start(&w.config("", &route("half.test", addr.port())))
+        .await;
+    let client = proxied_client(app.proxy_addr());
+    let r = client.get("http://half.test/full").send().await.unwrap();
+    assert_eq!(r.headers()["x-conn"], "1");
+    assert_eq!(r.bytes().await.unwrap().len(), 32768);
+
+    // The app sends a request on its own connection and goes away before
+    // the answer; the upstream answers only then, to nobody but the proxy.
+    let mut tcp = tokio::net::TcpStream::connect(app.proxy_addr())
+        .await
+        .unwrap();
+    tcp.write_all(b"GET http://half.test/gated HTTP/1.1\r\nHost: half.test\r\n\r\n")
+        .await
+        .unwrap();
+    if reset {
+        tcp.set_zero_linger().unwrap();
+    }
+    drop(tcp);
+    gate.notify_one();
+    // Connection 1 serves again once the proxy has read that answer out.
+    // Cancelled mid-exchange, or dropped with its body unread, it would be
+    // closed, and no later request would land on it. Two requests at once,
+    // so a connection opened while 1 was still busy cannot hide it.
+    let conn_of = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .get(format!("http://half.test{path}"))
+                .send()
+                .await
+                .ok()?;
+            let conn = r.headers().get("x-conn")?.to_str().ok()?.to_owned();
+            assert_eq!(r.bytes().await.ok()?.len(), 32768);
+            Some(conn)
+        }
+    };
+    eventually(Duration::from_secs(5), || async {
+        let (a, b) = tokio::join!(conn_of("/full"), conn_of("/full"));
+        (a.as_deref() == Some("1") || b.as_deref() == Some("1")).then_some(())
+    })
+    .await;
+    app.shutdown().await;
+}
