@@ -594,7 +594,7 @@ impl Drop for Tracked {
         let http_body_util::Either::Left(upstream) = &self.inner else {
             return;
         };
-        if !upstream.size_hint().upper().is_some_and(|n| n <= DRAIN_MAX) {
+        if upstream.size_hint().upper().is_none_or(|n| n > DRAIN_MAX) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -638,7 +638,7 @@ impl Body for Tracked {
             Poll::Ready(Some(Err(e))) => {
                 this.busy = None;
                 this.ended = true;
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 this.busy = None;
