@@ -35,9 +35,11 @@ const CONTENT_LENGTH: &[u8] = b"content-length";
 const TRANSFER_ENCODING: &[u8] = b"transfer-encoding";
 /// Longest name we need to recognise; longer ones are just "other".
 const NAME_MAX: usize = TRANSFER_ENCODING.len();
+/// How much of the request line is kept to tie a verdict to its request.
+const LINE_KEEP: usize = 64;
 
 /// Incremental scanner over one request head at a time.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Scan {
     /// Lines seen in this head (the request line is line 0).
     lines: u32,
@@ -51,6 +53,27 @@ pub struct Scan {
     content_length: bool,
     transfer_encoding: bool,
     bare_lf: bool,
+    /// The start of the request line, and of the last head's after it ended.
+    line: [u8; LINE_KEEP],
+    line_kept: usize,
+}
+
+impl Default for Scan {
+    fn default() -> Self {
+        Self {
+            lines: 0,
+            line_len: 0,
+            name: [0; NAME_MAX],
+            name_len: 0,
+            in_value: false,
+            prev_cr: false,
+            content_length: false,
+            transfer_encoding: false,
+            bare_lf: false,
+            line: [0; LINE_KEEP],
+            line_kept: 0,
+        }
+    }
 }
 
 /// The outcome of feeding bytes to a [`Scan`].
@@ -60,6 +83,18 @@ pub enum Fed {
     More,
     /// The head ended; the rest of the bytes (if any) are not head.
     Ended(Option<Refusal>),
+}
+
+/// Whether a kept request line is that of a request with this method and
+/// path (the path as hyper parsed it; the line holds the raw target).
+pub fn belongs_to(line: &[u8], method: &str, path: &str) -> bool {
+    let Some(rest) = line.strip_prefix(method.as_bytes()) else {
+        return false;
+    };
+    if rest.first() != Some(&b' ') {
+        return false;
+    }
+    path.is_empty() || rest.windows(path.len()).any(|w| w == path.as_bytes())
 }
 
 impl Scan {
@@ -82,7 +117,9 @@ impl Scan {
                         // (RFC 9112 §2.2); after it, one ends the head.
                         if self.lines > 0 {
                             let verdict = self.verdict();
+                            let (line, kept) = (self.line, self.line_kept);
                             *self = Self::default();
+                            (self.line, self.line_kept) = (line, kept);
                             return Fed::Ended(verdict);
                         }
                         continue;
@@ -96,7 +133,14 @@ impl Scan {
                 _ => {
                     self.prev_cr = false;
                     self.line_len = self.line_len.saturating_add(1);
-                    if self.lines == 0 || self.in_value {
+                    if self.lines == 0 {
+                        if self.line_kept < LINE_KEEP {
+                            self.line[self.line_kept] = b;
+                            self.line_kept += 1;
+                        }
+                        continue;
+                    }
+                    if self.in_value {
                         continue;
                     }
                     if b == b':' {
@@ -116,6 +160,14 @@ impl Scan {
             }
         }
         Fed::More
+    }
+
+    /// The start of the request line of the head that ended last (up to
+    /// 64 bytes), to check that a verdict belongs to the request hyper
+    /// parsed: bytes of a body read after an early answer can look like a
+    /// head too.
+    pub fn request_line(&self) -> &[u8] {
+        &self.line[..self.line_kept]
     }
 
     fn verdict(&self) -> Option<Refusal> {
@@ -216,6 +268,19 @@ mod tests {
             Fed::Ended(Some(Refusal::BareLf))
         );
         assert_eq!(s.feed(b"GET / HTTP/1.1\r\n\r\n"), Fed::Ended(None));
+    }
+
+    #[test]
+    fn the_request_line_is_kept_for_the_verdict() {
+        let mut s = Scan::new();
+        s.feed(
+            b"\r\nPOST /x?y=1 HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        assert_eq!(s.request_line(), b"POST /x?y=1 HTTP/1.1");
+        assert!(belongs_to(s.request_line(), "POST", "/x"));
+        assert!(!belongs_to(s.request_line(), "GET", "/x"));
+        assert!(!belongs_to(s.request_line(), "POST", "/other"));
+        assert!(!belongs_to(b"{\"a\": 1}", "GET", "/"));
     }
 
     #[test]

@@ -263,7 +263,7 @@ fn service(
         let proxy = proxy.load_full();
         let entry = Arc::clone(&entry);
         let busy = activity.busy();
-        let refused = activity.take_refusal();
+        let refused = activity.take_refusal(req.method().as_str(), req.uri().path());
         async move {
             if let Some(why) = refused {
                 let response =
@@ -323,9 +323,14 @@ struct Activity {
     /// lock unless they end an idle spell.
     idle: AtomicBool,
     proto: AtomicU8,
+    /// Bytes of the HTTP/2 preface seen while `proto` is still unknown: a
+    /// first read may hold only part of it (even just `P`, which is also
+    /// the start of `POST`).
+    preface_seen: AtomicU8,
     /// A [`Refusal`] found in the head being read, for the request it
-    /// belongs to (0: none).
+    /// belongs to (0: none), with that head's request line.
     refusal: AtomicU8,
+    refused_line: Mutex<Vec<u8>>,
     changed: Notify,
 }
 
@@ -339,7 +344,9 @@ impl Activity {
             }),
             idle: AtomicBool::new(false),
             proto: AtomicU8::new(PROTO_UNKNOWN),
+            preface_seen: AtomicU8::new(0),
             refusal: AtomicU8::new(0),
+            refused_line: Mutex::new(Vec::new()),
             changed: Notify::new(),
         }
     }
@@ -355,11 +362,18 @@ impl Activity {
         }
         let mut proto = self.proto.load(Ordering::Relaxed);
         if proto == PROTO_UNKNOWN {
-            let n = bytes.len().min(H2_PREFACE.len());
-            proto = if bytes[..n] == H2_PREFACE[..n] {
+            let seen = usize::from(self.preface_seen.load(Ordering::Relaxed));
+            let want = &H2_PREFACE[seen..];
+            let n = bytes.len().min(want.len());
+            proto = if bytes[..n] != want[..n] {
+                PROTO_H1
+            } else if seen + n == H2_PREFACE.len() {
                 PROTO_H2
             } else {
-                PROTO_H1
+                // Still a prefix of the preface: undecided, and a head to
+                // the header bound until it is decided.
+                self.preface_seen.store((seen + n) as u8, Ordering::Relaxed);
+                PROTO_UNKNOWN
             };
             self.proto.store(proto, Ordering::Relaxed);
             if proto == PROTO_H2 {
@@ -389,21 +403,38 @@ impl Activity {
         }
     }
 
-    fn refuse(&self, why: Refusal) {
-        let code = match why {
-            Refusal::ContentLengthWithTransferEncoding => 1,
-            Refusal::BareLf => 2,
+    /// Records the verdict of a head that just ended (a clean head clears
+    /// an earlier refusal: that one was not for the request to come).
+    fn head_ended(&self, verdict: Option<Refusal>, line: &[u8]) {
+        let code = match verdict {
+            None => {
+                if self.refusal.load(Ordering::Relaxed) != 0 {
+                    self.refusal.store(0, Ordering::Relaxed);
+                }
+                return;
+            }
+            Some(Refusal::ContentLengthWithTransferEncoding) => 1,
+            Some(Refusal::BareLf) => 2,
         };
-        self.refusal.store(code, Ordering::Relaxed);
+        let mut kept = self.refused_line.lock().unwrap_or_else(|e| e.into_inner());
+        kept.clear();
+        kept.extend_from_slice(line);
+        self.refusal.store(code, Ordering::Release);
     }
 
-    /// The refusal found in the head of the request now being served.
-    fn take_refusal(&self) -> Option<Refusal> {
-        match self.refusal.swap(0, Ordering::Relaxed) {
-            1 => Some(Refusal::ContentLengthWithTransferEncoding),
-            2 => Some(Refusal::BareLf),
-            _ => None,
+    /// The refusal found in the head of the request now being served, if
+    /// that head is this request's (same method, the path in its line).
+    fn take_refusal(&self, method: &str, path: &str) -> Option<Refusal> {
+        if self.refusal.load(Ordering::Relaxed) == 0 {
+            return None;
         }
+        let why = match self.refusal.swap(0, Ordering::Acquire) {
+            1 => Refusal::ContentLengthWithTransferEncoding,
+            2 => Refusal::BareLf,
+            _ => return None,
+        };
+        let kept = self.refused_line.lock().unwrap_or_else(|e| e.into_inner());
+        crate::head::belongs_to(&kept, method, path).then_some(why)
     }
 
     /// A request head was parsed: busy until the guard drops.
@@ -497,17 +528,17 @@ impl AsyncRead for TrackedIo {
             // Bytes read while no request is in flight start a new head.
             let new_head = this.activity.idle.load(Ordering::Acquire);
             this.activity.on_read(read);
-            if this.activity.proto.load(Ordering::Relaxed) == PROTO_H1 {
+            // Undecided (a prefix of the HTTP/2 preface) is scanned as
+            // HTTP/1 until decided.
+            if this.activity.proto.load(Ordering::Relaxed) != PROTO_H2 {
                 if new_head {
                     this.head.get_or_insert_with(Scan::new);
                 }
                 if let Some(scan) = &mut this.head
                     && let Fed::Ended(verdict) = scan.feed(read)
                 {
+                    this.activity.head_ended(verdict, scan.request_line());
                     this.head = None;
-                    if let Some(why) = verdict {
-                        this.activity.refuse(why);
-                    }
                 }
             } else {
                 this.head = None;
@@ -722,13 +753,98 @@ mod tests {
     #[tokio::test]
     async fn http2_frames_between_streams_are_not_a_head() {
         let a = Arc::new(Activity::new());
+        // The preface may come in pieces.
         a.on_read(&H2_PREFACE[..10]);
+        a.on_read(&H2_PREFACE[10..]);
         drop(a.busy());
         a.on_read(b"\x00\x00\x08\x06");
         assert_eq!(
             expires_within(&a, SHORT, Duration::from_millis(100)).await,
             Some("proxy.idle_timeout")
         );
+    }
+
+    #[test]
+    fn a_first_read_of_p_is_not_yet_http2() {
+        let a = Activity::new();
+        a.on_read(b"P");
+        assert_eq!(a.proto.load(Ordering::Relaxed), PROTO_UNKNOWN);
+        a.on_read(b"OST / HTTP/1.1\r\n");
+        assert_eq!(a.proto.load(Ordering::Relaxed), PROTO_H1);
+        let b = Activity::new();
+        b.on_read(b"PRI * HTTP/2.0\r\n");
+        assert_eq!(b.proto.load(Ordering::Relaxed), PROTO_UNKNOWN);
+        b.on_read(b"\r\nSM\r\n\r\n\x00\x00");
+        assert_eq!(b.proto.load(Ordering::Relaxed), PROTO_H2);
+    }
+
+    /// A client socket and the proxy's side of it, wrapped as served.
+    async fn tracked_pair() -> (TcpStream, TrackedIo) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let io = TrackedIo {
+            inner: server,
+            activity: Arc::new(Activity::new()),
+            head: Some(Scan::new()),
+        };
+        (client, io)
+    }
+
+    /// Sends `bytes` and reads exactly them on the proxy's side.
+    async fn pass(client: &mut TcpStream, io: &mut TrackedIo, bytes: &[u8]) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        client.write_all(bytes).await.unwrap();
+        let mut buf = vec![0u8; bytes.len()];
+        io.read_exact(&mut buf).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_split_p_does_not_turn_off_the_head_check() {
+        let (mut client, mut io) = tracked_pair().await;
+        pass(&mut client, &mut io, b"P").await;
+        pass(
+            &mut client,
+            &mut io,
+            b"OST /x HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .await;
+        assert_eq!(
+            io.activity.take_refusal("POST", "/x"),
+            Some(Refusal::ContentLengthWithTransferEncoding)
+        );
+    }
+
+    /// Body bytes read after an early answer (hyper reading the rest of a
+    /// request body while the connection is idle) can look like a head;
+    /// their verdict must not land on the next request.
+    #[tokio::test]
+    async fn body_bytes_read_while_idle_do_not_refuse_the_next_request() {
+        let (mut client, mut io) = tracked_pair().await;
+        pass(
+            &mut client,
+            &mut io,
+            b"POST /a HTTP/1.1\r\nContent-Length: 9\r\n\r\n",
+        )
+        .await;
+        drop(io.activity.busy());
+        // The body's bare LFs run into the next head.
+        pass(&mut client, &mut io, b"{\n\"a\":1}").await;
+        pass(
+            &mut client,
+            &mut io,
+            b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n",
+        )
+        .await;
+        let busy = io.activity.busy();
+        assert_eq!(io.activity.take_refusal("GET", "/next"), None);
+        drop(busy);
+        // A body that ends a "head" of its own, then a clean head.
+        pass(&mut client, &mut io, b"x\n\n").await;
+        pass(&mut client, &mut io, b"GET /again HTTP/1.1\r\n\r\n").await;
+        assert_eq!(io.activity.take_refusal("GET", "/again"), None);
     }
 
     #[tokio::test]
