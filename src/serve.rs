@@ -268,7 +268,7 @@ fn service(
             if let Some(why) = refused {
                 let response =
                     proxy.refuse(proxy::Error::new(proxy::Kind::BadRequest, why.message()));
-                return Ok(response.map(|body| Tracked::new(body, busy, body_idle)));
+                return Ok(response.map(|body| Tracked::new(body, busy, body_idle, false)));
             }
             let connect = req.method() == Method::CONNECT;
             // Over HTTP/2 a CONNECT tunnel is one stream; its scope keeps the
@@ -282,7 +282,10 @@ fn service(
                 // A tunnel carries bytes past hyper: never idle, never a head.
                 busy.activity.tunnel();
             }
-            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, busy, body_idle)))
+            // Only an HTTP/1.1 upstream connection is lost with an unread
+            // body; an HTTP/2 stream is just reset.
+            let drain = response.version() == http::Version::HTTP_11;
+            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, busy, body_idle, drain)))
         }
     })
 }
@@ -597,15 +600,41 @@ pub struct Tracked {
     stall: Option<Pin<Box<Sleep>>>,
     waiting: bool,
     ended: bool,
+    /// Whether an abandoned rest is worth reading out (HTTP/1.1 upstream).
+    drain: bool,
 }
 
 /// Largest remainder of an abandoned upstream body worth reading to keep
 /// its connection, and how long that may take.
 pub const DRAIN_MAX: u64 = 64 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(5);
+/// Drains at once, process-wide; beyond it an abandoned body just closes
+/// its connection, as before.
+const DRAINS_MAX: usize = 64;
+static DRAINS: AtomicUsize = AtomicUsize::new(0);
+
+/// One running drain, counted until dropped.
+struct DrainSlot;
+
+impl DrainSlot {
+    fn take() -> Option<Self> {
+        DRAINS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < DRAINS_MAX).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| DrainSlot)
+    }
+}
+
+impl Drop for DrainSlot {
+    fn drop(&mut self) {
+        DRAINS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 impl Tracked {
-    fn new(inner: proxy::Body, busy: BusyGuard, idle: Duration) -> Self {
+    fn new(inner: proxy::Body, busy: BusyGuard, idle: Duration, drain: bool) -> Self {
         Self {
             inner,
             busy: Some(busy),
@@ -613,13 +642,14 @@ impl Tracked {
             stall: None,
             waiting: false,
             ended: false,
+            drain,
         }
     }
 }
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        if self.ended || self.inner.is_end_stream() {
+        if !self.drain || self.ended || self.inner.is_end_stream() {
             return;
         }
         let http_body_util::Either::Left(upstream) = &self.inner else {
@@ -631,11 +661,15 @@ impl Drop for Tracked {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let Some(slot) = DrainSlot::take() else {
+            return;
+        };
         let body = std::mem::replace(
             &mut self.inner,
             http_body_util::Either::Right(http_body_util::Full::new(Bytes::new())),
         );
         runtime.spawn(async move {
+            let _slot = slot;
             use http_body_util::BodyExt;
             let mut body = body;
             let discard = async {

@@ -532,12 +532,20 @@ async fn app_resetting_during_the_exchange_keeps_the_pooled_connection() {
 
 /// A TLS upstream answering 32 KiB with `x-conn: <connection number>`;
 /// requests for `/gated` wait for the returned gate before answering.
-async fn gated_upstream(pki: &Pki) -> (SocketAddr, Arc<tokio::sync::Notify>) {
+/// The third value is notified when a `/gated` request arrives.
+async fn gated_upstream(
+    pki: &Pki,
+) -> (
+    SocketAddr,
+    Arc<tokio::sync::Notify>,
+    Arc<tokio::sync::Notify>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&["localhost"]));
     let gate = Arc::new(tokio::sync::Notify::new());
-    let g = Arc::clone(&gate);
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let (g, seen) = (Arc::clone(&gate), Arc::clone(&arrived));
     tokio::spawn(async move {
         let mut id = 0usize;
         loop {
@@ -545,16 +553,17 @@ async fn gated_upstream(pki: &Pki) -> (SocketAddr, Arc<tokio::sync::Notify>) {
                 continue;
             };
             id += 1;
-            let (acceptor, g) = (acceptor.clone(), Arc::clone(&g));
+            let (acceptor, g, seen) = (acceptor.clone(), Arc::clone(&g), Arc::clone(&seen));
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let svc = hyper::service::service_fn(move |req: http::Request<_>| {
-                    let g = Arc::clone(&g);
+                    let (g, seen) = (Arc::clone(&g), Arc::clone(&seen));
                     async move {
                         // 32 KiB in two frames; on /gated only once the gate opens.
                         if req.uri().path() == "/gated" {
+                            seen.notify_one();
                             g.notified().await;
                         }
                         let chunk = |b| {
@@ -581,12 +590,12 @@ async fn gated_upstream(pki: &Pki) -> (SocketAddr, Arc<tokio::sync::Notify>) {
             });
         }
     });
-    (addr, gate)
+    (addr, gate, arrived)
 }
 
 async fn app_abort_keeps_the_pooled_connection(reset: bool) {
     let w = World::new(Mode::Issue(60.0)).await;
-    let (addr, gate) = gated_upstream(&w.pki).await;
+    let (addr, gate, arrived) = gated_upstream(&w.pki).await;
     let app = w
         .start(&w.config("", &route("half.test", addr.port())))
         .await;
@@ -606,6 +615,10 @@ async fn app_abort_keeps_the_pooled_connection(reset: bool) {
     if reset {
         tcp.set_zero_linger().unwrap();
     }
+    // Only once the request is at the upstream does the app go away.
+    tokio::time::timeout(Duration::from_secs(5), arrived.notified())
+        .await
+        .expect("the request reached the upstream");
     drop(tcp);
     gate.notify_one();
     // Connection 1 serves again once the proxy has read that answer out.
