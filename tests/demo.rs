@@ -74,9 +74,16 @@ fn command(args: &[&str]) -> Command {
 
 /// Collects a pipe into a string on a thread of its own.
 fn collect(pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    collect_joinable(pipe).0
+}
+
+/// The same, with the thread to join once the pipe has closed.
+fn collect_joinable(
+    pipe: impl Read + Send + 'static,
+) -> (Arc<Mutex<String>>, std::thread::JoinHandle<()>) {
     let out = Arc::new(Mutex::new(String::new()));
     let o = Arc::clone(&out);
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let mut r = BufReader::new(pipe);
         let mut line = String::new();
         while r.read_line(&mut line).is_ok_and(|n| n > 0) {
@@ -84,7 +91,7 @@ fn collect(pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
             line.clear();
         }
     });
-    out
+    (out, reader)
 }
 
 /// The address in `line` after `prefix`, up to the next `/` or space.
@@ -348,14 +355,14 @@ fn dirs_of(pid: u32) -> Vec<PathBuf> {
 
 fn assert_refused(args: &[&str], busy: SocketAddr, flag: &str) {
     let mut child = command(args).spawn().unwrap();
-    let stderr = collect(child.stderr.take().unwrap());
+    let (stderr, reader) = collect_joinable(child.stderr.take().unwrap());
     let _stdout = collect(child.stdout.take().unwrap());
     let mut child = Process(child);
     let status = wait_with_deadline(&mut child.0, Duration::from_secs(10));
     let pid = child.id();
     drop(child);
-    // The reader threads see the pipes close with the process.
-    std::thread::sleep(Duration::from_millis(100));
+    // The reader sees the pipe close with the process.
+    reader.join().unwrap();
     let err = stderr.lock().unwrap().clone();
     let status =
         status.unwrap_or_else(|| panic!("{flag}: the demo started on a busy port:\n{err}"));

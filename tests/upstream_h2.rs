@@ -325,12 +325,9 @@ async fn concurrent_requests_share_one_h2_upstream_connection() {
         "forced h2: {N} requests of 300 ms in {took:?} over {conns} connection(s), {overlap} at once"
     );
     assert_eq!(conns, 1);
+    // The streams ran at once (the upstream counts them in flight): a
+    // wall-clock bound would say the same, less reliably on a busy machine.
     assert!(overlap >= N / 2, "streams overlapped: {overlap}");
-    // One after another would take N × 300 ms.
-    assert!(
-        took < Duration::from_millis(300) * (N as u32) / 4,
-        "{took:?}"
-    );
 
     // auto: once the pool holds the h2 connection, a burst reuses it.
     get_json(&client, "http://auto.test/").await;
