@@ -169,19 +169,11 @@ async fn get(sender: &mut Sender, path: &str) -> String {
 }
 
 async fn metrics(admin: SocketAddr) -> String {
-    support::direct_client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    support::scrape(admin).await
 }
 
 fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    support::metric_value(text, series)
 }
 
 #[tokio::test]

@@ -293,7 +293,7 @@ async fn grpc_upstream(
     mutual_tls: bool,
 ) -> (SocketAddr, Arc<GrpcState>) {
     let mut config = if mutual_tls {
-        mtls_server_config(pki)
+        pki.mtls_server_config()
     } else {
         Arc::unwrap_or_clone(pki.server_config(&["localhost"]))
     };
@@ -319,7 +319,7 @@ async fn grpc_upstream(
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .map(|c| x5t(c.as_ref()));
+                    .map(|c| support::x5t_der(c.as_ref()));
                 let svc = service_fn(move |req| {
                     let (s, tokens, x5t) = (Arc::clone(&s), Arc::clone(&tokens), x5t.clone());
                     async move { Ok::<_, Infallible>(handle(s, tokens, x5t, req).await) }
@@ -331,39 +331,6 @@ async fn grpc_upstream(
         }
     });
     (addr, state)
-}
-
-fn x5t(der: &[u8]) -> String {
-    use base64::Engine;
-    let d = ring::digest::digest(&ring::digest::SHA256, der);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d.as_ref())
-}
-
-fn mtls_server_config(pki: &Pki) -> rustls::ServerConfig {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let (cert, key) = pki.leaf_pem(&["localhost"]);
-    let certs = CertificateDer::pem_slice_iter(cert.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .unwrap();
-    rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .unwrap()
 }
 
 struct World {
@@ -739,7 +706,7 @@ async fn grpc_to_an_upstream_that_requires_mutual_tls() {
     assert_eq!(n, 3);
     let calls = w.calls();
     assert_eq!(calls.len(), 2);
-    let expected = x5t(w.client_cert.as_deref().unwrap());
+    let expected = support::x5t_der(w.client_cert.as_deref().unwrap());
     for call in &calls {
         assert_grpc_request(&w, call);
         assert_eq!(call.client_x5t.as_deref(), Some(expected.as_str()));

@@ -18,44 +18,24 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use support::{BoxBody, Pki, error_kind, json, proxied_client};
 use tokio::net::TcpListener;
 
-/// base64url(SHA-256(DER)) of the first certificate of a PEM text,
-/// computed here independently of the proxy's own helper.
+/// The RFC 8705 thumbprint of the first certificate of a PEM text.
 fn x5t(pem: &str) -> String {
-    let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
-    let digest = ring::digest::digest(&ring::digest::SHA256, der.as_ref());
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
+    support::x5t_der(
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .as_ref(),
+    )
 }
 
 /// A server config for `localhost` that requires a client certificate
-/// issued by the test CA.
+/// issued by the test CA, offering HTTP/1.1.
 fn mtls_server_config(pki: &Pki) -> Arc<rustls::ServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let (cert, key) = pki.leaf_pem(&["localhost"]);
-    let certs = CertificateDer::pem_slice_iter(cert.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .unwrap();
+    let mut config = pki.mtls_server_config();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(config)
 }

@@ -48,6 +48,35 @@ impl Pki {
         Self { issuer, ca_pem }
     }
 
+    /// A server config for `localhost` that requires a client certificate
+    /// issued by this CA (no ALPN set).
+    pub fn mtls_server_config(&self) -> rustls::ServerConfig {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (cert, key) = self.leaf_pem(&["localhost"]);
+        let certs = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .unwrap()
+    }
+
     /// A server config with a leaf for `names`, offering HTTP/1.1.
     pub fn server_config(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
         let params =
@@ -618,4 +647,30 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// base64url(SHA-256(DER)) of a certificate: its RFC 8705 thumbprint,
+/// computed here independently of the proxy's own helper.
+pub fn x5t_der(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
+}
+
+/// The admin listener's `/metrics` text.
+pub async fn scrape(admin: SocketAddr) -> String {
+    direct_client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the first line of `text` that starts with `series` (a
+/// metric name with its labels as rendered).
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
