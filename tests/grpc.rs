@@ -106,6 +106,9 @@ struct Call {
 struct GrpcState {
     calls: Mutex<Vec<Call>>,
     force_401: AtomicUsize,
+    /// Calls to refuse as a gRPC server does: HTTP 200, trailers-only,
+    /// grpc-status 16 (UNAUTHENTICATED).
+    force_unauthenticated: AtomicUsize,
     connections: AtomicUsize,
 }
 
@@ -204,6 +207,18 @@ async fn handle(
         .force_401
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok();
+    let unauthenticated = state
+        .force_unauthenticated
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if unauthenticated {
+        return Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "16")
+            .header("grpc-message", "invalid token")
+            .body(support::full(""))
+            .unwrap();
+    }
     if !token_ok || forced {
         // What an auth gateway in front of a gRPC service answers.
         return Response::builder()
@@ -712,5 +727,48 @@ async fn grpc_to_an_upstream_that_requires_mutual_tls() {
         assert_eq!(call.client_x5t.as_deref(), Some(expected.as_str()));
     }
     assert_eq!(w.state.connections.load(Ordering::SeqCst), 1);
+    w.running.shutdown().await;
+}
+
+/// A gRPC server refuses a token with HTTP 200 and grpc-status 16 in a
+/// trailers-only answer: passed through as is, and the token is dropped so
+/// the next call carries a fresh one.
+#[tokio::test]
+async fn grpc_unauthenticated_drops_the_refused_token() {
+    let w = World::new().await;
+    let mut client = grpc_client(w.dedicated()).await;
+    client.ready().await.unwrap();
+    unary(
+        &mut client,
+        tonic::Request::new(Bytes::from_static(b"x")),
+        "Unary",
+    )
+    .await
+    .unwrap();
+    let fetches = w.tokens.state.count();
+    w.state.force_unauthenticated.store(1, Ordering::SeqCst);
+    let err = unary(
+        &mut client,
+        tonic::Request::new(Bytes::from_static(b"x")),
+        "Unary",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(err.message(), "invalid token");
+    w.tokens
+        .state
+        .wait_for_requests(fetches + 1, Duration::from_secs(10))
+        .await;
+    unary(
+        &mut client,
+        tonic::Request::new(Bytes::from_static(b"y")),
+        "Unary",
+    )
+    .await
+    .unwrap();
+    let calls = w.calls();
+    assert_eq!(calls.len(), 3);
+    assert_ne!(calls[2].authorization, calls[1].authorization);
     w.running.shutdown().await;
 }

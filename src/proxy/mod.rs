@@ -340,7 +340,7 @@ impl Proxy {
             Replay::Stream(body) => {
                 let request = outgoing(parts.method, uri, parts.headers, Either::Left(body));
                 let response = self.send(client, request, Some(&route.metrics)).await?;
-                if response.status() == StatusCode::UNAUTHORIZED {
+                if refuses_token(&response) {
                     // The body is gone, so no retry (gRPC calls land here),
                     // but the next request must not carry the refused token.
                     // Rate-limited like the retry path's refetch.
@@ -707,6 +707,20 @@ async fn replayable(body: Incoming, limit: usize) -> Result<Replay, Error> {
                 )
             }),
         _ => Ok(Replay::Stream(body)),
+    }
+}
+
+/// Whether the upstream refused the token: HTTP 401, or a gRPC server's
+/// trailers-only `UNAUTHENTICATED` (HTTP 200, `grpc-status: 16` in the
+/// headers). A status 16 in the trailers of a streamed answer is not seen.
+fn refuses_token(response: &Response<Incoming>) -> bool {
+    match response.status() {
+        StatusCode::UNAUTHORIZED => true,
+        StatusCode::OK => response
+            .headers()
+            .get("grpc-status")
+            .is_some_and(|v| v.as_bytes() == b"16"),
+        _ => false,
     }
 }
 
