@@ -42,6 +42,7 @@ use crate::proxy::{self, Entry, Proxy};
 pub struct Limits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub tunnel_idle_timeout: Duration,
     pub request_timeout: Duration,
     pub body_idle_timeout: Duration,
     pub max_header_bytes: usize,
@@ -54,6 +55,7 @@ impl Limits {
         Self {
             header_read_timeout: config.proxy.header_read_timeout,
             idle_timeout: config.proxy.idle_timeout,
+            tunnel_idle_timeout: config.proxy.tunnel_idle_timeout,
             request_timeout: config.proxy.request_timeout,
             body_idle_timeout: config.upstream.body_idle_timeout,
             max_header_bytes: config.proxy.max_header_bytes,
@@ -180,7 +182,7 @@ pub async fn accept_loop(
                     // A tunnel outlives the connection's HTTP exchange: it
                     // keeps the connection counted until it ends.
                     let hold: Arc<dyn Send + Sync> = Arc::new((open, held.subscribe()));
-                    let scope = Scope::new(shutdown.clone(), drain, Arc::clone(&hold));
+                    let scope = Scope::new(shutdown.clone(), drain, Arc::clone(&hold), limits.tunnel_idle_timeout);
                     let service = service(Arc::clone(&proxy), Arc::clone(&entry), Arc::clone(&activity), scope, limits.request_timeout, limits.body_idle_timeout);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
                     let conn = graceful.watch(conn);

@@ -505,6 +505,57 @@ async fn an_open_tunnel_outlives_the_connection_timers() {
     proxy.shutdown().await;
 }
 
+/// A tunnel that carries bytes stays open; one where nothing moves either
+/// way for `proxy.tunnel_idle_timeout` is closed, freeing its slot.
+#[tokio::test]
+async fn a_tunnel_silent_both_ways_is_closed_after_tunnel_idle_timeout() {
+    let world = World::new(Mode::Issue(300.0)).await;
+    let (dest, _log) = destination(&world.pki).await;
+    let text = config(
+        &world,
+        &format!(
+            "connect_allow = [\"localhost:{}\"]\ntunnel_idle_timeout = \"400ms\"",
+            dest.port()
+        ),
+        "",
+        "",
+    );
+    let proxy = world.start(&text).await;
+    let (answer, tunnel) = connect(proxy.proxy_addr(), &format!("localhost:{}", dest.port())).await;
+    assert_eq!(answer.status, 200);
+    let (mut sender, conn) = tls_client(&world.pki, tunnel).await;
+    // Busy for twice the bound: a request every 150 ms keeps it open.
+    let busy_until = Instant::now() + Duration::from_millis(800);
+    let mut n = 0;
+    let mut last_byte = Instant::now();
+    while Instant::now() < busy_until {
+        assert_eq!(
+            get(&mut sender, &format!("/{n}")).await,
+            format!("inside /{n}")
+        );
+        last_byte = Instant::now();
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Then silent: the proxy closes the tunnel, which ends the TLS client.
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the silent tunnel is closed")
+        .unwrap();
+    let closed_after = last_byte.elapsed();
+    println!("{n} requests over 800 ms kept it open; silent, it closed after {closed_after:?}");
+    assert!(
+        closed_after >= Duration::from_millis(390),
+        "{closed_after:?}"
+    );
+    let text = metrics(proxy.admin_addr()).await;
+    assert_eq!(
+        metric(&text, "token_injector_tunnels_open{kind=\"connect\"}"),
+        Some(0.0)
+    );
+    proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn shutdown_closes_open_tunnels_within_the_drain_bound() {
     let world = World::new(Mode::Issue(300.0)).await;

@@ -68,6 +68,9 @@ pub struct Proxy {
     pub header_read_timeout: Duration,
     /// How long a client connection may stay open with no request in flight.
     pub idle_timeout: Duration,
+    /// How long a CONNECT tunnel or upgraded connection may carry no byte
+    /// either way before it is closed.
+    pub tunnel_idle_timeout: Duration,
     /// From a request head until the response head is sent: token wait,
     /// reading a replayable body, the upstream exchange and its 401 retry.
     pub request_timeout: Duration,
@@ -442,6 +445,11 @@ impl Validator<'_> {
             // Above the 90 s idle timeout of Go's and reqwest's pools, so
             // the app drops an idle connection before the proxy closes it.
             idle_timeout: self.duration("proxy.idle_timeout", raw.proxy.idle_timeout, "120s"),
+            tunnel_idle_timeout: self.duration(
+                "proxy.tunnel_idle_timeout",
+                raw.proxy.tunnel_idle_timeout,
+                "1h",
+            ),
             // Above token wait + upstream.response_timeout at their defaults.
             request_timeout: self.duration(
                 "proxy.request_timeout",
@@ -470,6 +478,7 @@ impl Validator<'_> {
         for (key, d) in [
             ("proxy.header_read_timeout", proxy.header_read_timeout),
             ("proxy.idle_timeout", proxy.idle_timeout),
+            ("proxy.tunnel_idle_timeout", proxy.tunnel_idle_timeout),
             ("proxy.request_timeout", proxy.request_timeout),
         ] {
             if d.is_zero() {

@@ -32,6 +32,7 @@ pub struct RawProxy {
     pub drain_timeout: Option<String>,
     pub header_read_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    pub tunnel_idle_timeout: Option<String>,
     pub request_timeout: Option<String>,
     pub max_header_bytes: Option<u64>,
     pub max_headers: Option<u64>,

@@ -463,6 +463,7 @@ fn limits_have_safe_defaults() {
     let c = load(GOOD, &dir).unwrap();
     assert_eq!(c.proxy.header_read_timeout, Duration::from_secs(10));
     assert_eq!(c.proxy.idle_timeout, Duration::from_secs(120));
+    assert_eq!(c.proxy.tunnel_idle_timeout, Duration::from_secs(3600));
     assert_eq!(c.proxy.request_timeout, Duration::from_secs(120));
     assert_eq!(c.proxy.max_header_bytes, 64 * 1024);
     assert_eq!(c.proxy.max_headers, 100);
@@ -476,7 +477,7 @@ fn limits_are_read_from_toml_and_environment() {
     let dir = dir_with_secret();
     let text = format!("{GOOD}\n[upstream]\nbody_idle_timeout = \"1m\"\nmax_header_bytes = 32768\n").replace(
         "[proxy]\n",
-        "[proxy]\nheader_read_timeout = \"2s\"\nidle_timeout = \"90s\"\nrequest_timeout = \"30s\"\nmax_header_bytes = 16384\nmax_headers = 50\n",
+        "[proxy]\nheader_read_timeout = \"2s\"\nidle_timeout = \"90s\"\ntunnel_idle_timeout = \"10m\"\nrequest_timeout = \"30s\"\nmax_header_bytes = 16384\nmax_headers = 50\n",
     );
     let env = vec![(
         "TOKEN_INJECTOR_PROXY__MAX_CONNECTIONS".to_owned(),
@@ -485,6 +486,7 @@ fn limits_are_read_from_toml_and_environment() {
     let c = from_text(&text, dir.path(), env).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert_eq!(c.proxy.header_read_timeout, Duration::from_secs(2));
     assert_eq!(c.proxy.idle_timeout, Duration::from_secs(90));
+    assert_eq!(c.proxy.tunnel_idle_timeout, Duration::from_secs(600));
     assert_eq!(c.proxy.request_timeout, Duration::from_secs(30));
     assert_eq!(c.proxy.max_header_bytes, 16384);
     assert_eq!(c.proxy.max_headers, 50);

@@ -39,6 +39,8 @@ use crate::route::{self, Pattern, Table};
 pub struct Scope {
     shutdown: watch::Receiver<bool>,
     drain: Duration,
+    /// `proxy.tunnel_idle_timeout`.
+    idle: Duration,
     /// Keeps the client connection counted (and its listener's drain
     /// waiting) until the tunnel ends.
     _hold: Arc<dyn Send + Sync>,
@@ -52,10 +54,12 @@ impl Scope {
         shutdown: watch::Receiver<bool>,
         drain: Duration,
         hold: Arc<dyn Send + Sync>,
+        idle: Duration,
     ) -> Self {
         Self {
             shutdown,
             drain,
+            idle,
             _hold: hold,
             _busy: None,
         }
@@ -368,24 +372,38 @@ fn connection_has(headers: &http::HeaderMap, token: &str) -> bool {
     })
 }
 
-/// Copies both ways until both sides are done, or the listener's drain
+/// Copies both ways until both sides are done, no byte has moved either
+/// way for `proxy.tunnel_idle_timeout` (a peer that vanished without a FIN,
+/// or a half-closed tunnel whose other side never ends, would otherwise hold
+/// its task and connection slot until shutdown), or the listener's drain
 /// bound has passed after a shutdown.
-async fn splice<A, B>(
-    mut client: A,
-    mut other: B,
-    scope: Option<Scope>,
-    open: IntGauge,
-    what: &'static str,
-) where
+async fn splice<A, B>(client: A, other: B, scope: Option<Scope>, open: IntGauge, what: &'static str)
+where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     open.inc();
     let _open = GaugeGuard(open);
+    let last = Arc::new(LastActive::new());
+    let mut client = Watched {
+        inner: client,
+        last: Arc::clone(&last),
+    };
+    let mut other = Watched {
+        inner: other,
+        last: Arc::clone(&last),
+    };
+    let idle = scope.as_ref().map(|s| s.idle);
     let mut scope = scope;
     let cut = async {
         match &mut scope {
             Some(s) => s.cut().await,
+            None => std::future::pending().await,
+        }
+    };
+    let idle_out = async {
+        match idle {
+            Some(idle) => last.idle_out(idle).await,
             None => std::future::pending().await,
         }
     };
@@ -395,6 +413,88 @@ async fn splice<A, B>(
             Err(e) => tracing::debug!(tunnel = what, error = %e, "tunnel ended with an error"),
         },
         _ = cut => tracing::debug!(tunnel = what, "closing tunnel: shutdown drain bound reached"),
+        _ = idle_out => tracing::debug!(tunnel = what, "closing tunnel: no bytes either way within proxy.tunnel_idle_timeout"),
+    }
+}
+
+/// When a tunnel last moved a byte, in milliseconds since it opened.
+struct LastActive {
+    opened: tokio::time::Instant,
+    at_ms: std::sync::atomic::AtomicU64,
+}
+
+impl LastActive {
+    fn new() -> Self {
+        Self {
+            opened: tokio::time::Instant::now(),
+            at_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.at_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte has moved for `idle`.
+    async fn idle_out(&self, idle: Duration) {
+        loop {
+            let at = Duration::from_millis(self.at_ms.load(std::sync::atomic::Ordering::Relaxed));
+            let deadline = self.opened + at + idle;
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// One side of a tunnel, noting each byte moved in [`LastActive`].
+struct Watched<T> {
+    inner: T,
+    last: Arc<LastActive>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.last.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.last.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
