@@ -156,6 +156,31 @@ where
     (sender, task)
 }
 
+/// A proxy that allows `CONNECT` to `localhost:<dest's port>`, with more
+/// `[proxy]` keys.
+async fn proxy_allowing(
+    world: &World,
+    dest: SocketAddr,
+    proxy_keys: &str,
+) -> token_injector::Running {
+    let keys = format!(
+        "connect_allow = [\"localhost:{}\"]\n{proxy_keys}",
+        dest.port()
+    );
+    world.start(&config(world, &keys, "", "")).await
+}
+
+/// A tunnel to `dest` through `proxy`, and an HTTPS client inside it.
+async fn tunnel_client(
+    world: &World,
+    proxy: &token_injector::Running,
+    dest: SocketAddr,
+) -> (Sender, tokio::task::JoinHandle<()>) {
+    let (answer, tunnel) = connect(proxy.proxy_addr(), &format!("localhost:{}", dest.port())).await;
+    assert_eq!(answer.status, 200);
+    tls_client(&world.pki, tunnel).await
+}
+
 async fn get(sender: &mut Sender, path: &str) -> String {
     let req = Request::builder()
         .uri(path)
@@ -407,9 +432,7 @@ async fn tunnels_are_counted_and_failures_named() {
     let (refused, _) = connect(proxy.proxy_addr(), "elsewhere.test:443").await;
     assert_eq!(refused.status, 403);
 
-    let (answer, tunnel) = connect(proxy.proxy_addr(), &format!("localhost:{}", dest.port())).await;
-    assert_eq!(answer.status, 200);
-    let (mut sender, conn) = tls_client(&world.pki, tunnel).await;
+    let (mut sender, conn) = tunnel_client(&world, &proxy, dest).await;
     assert_eq!(get(&mut sender, "/x").await, "inside /x");
     let m = metrics(admin).await;
     for (series, want) in [
@@ -490,9 +513,7 @@ async fn an_open_tunnel_outlives_the_connection_timers() {
     let cut_after = started.elapsed();
     println!("a silent plain connection was closed after {cut_after:?}");
 
-    let (answer, tunnel) = connect(proxy.proxy_addr(), &format!("localhost:{}", dest.port())).await;
-    assert_eq!(answer.status, 200);
-    let (mut sender, _conn) = tls_client(&world.pki, tunnel).await;
+    let (mut sender, _conn) = tunnel_client(&world, &proxy, dest).await;
     assert_eq!(get(&mut sender, "/first").await, "inside /first");
     // Silent for well past both bounds: the passing time is the test.
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -521,9 +542,7 @@ async fn a_tunnel_silent_both_ways_is_closed_after_tunnel_idle_timeout() {
         "",
     );
     let proxy = world.start(&text).await;
-    let (answer, tunnel) = connect(proxy.proxy_addr(), &format!("localhost:{}", dest.port())).await;
-    assert_eq!(answer.status, 200);
-    let (mut sender, conn) = tls_client(&world.pki, tunnel).await;
+    let (mut sender, conn) = tunnel_client(&world, &proxy, dest).await;
     // Busy for twice the bound: a request every 150 ms keeps it open.
     let busy_until = Instant::now() + Duration::from_millis(800);
     let mut n = 0;
@@ -568,9 +587,7 @@ async fn shutdown_closes_open_tunnels_within_the_drain_bound() {
     )
     .replace("drain_timeout = \"5s\"", "drain_timeout = \"400ms\"");
     let proxy = world.start(&text).await;
-    let (answer, tunnel) = connect(proxy.proxy_addr(), &format!("localhost:{}", dest.port())).await;
-    assert_eq!(answer.status, 200);
-    let (mut sender, conn) = tls_client(&world.pki, tunnel).await;
+    let (mut sender, conn) = tunnel_client(&world, &proxy, dest).await;
     assert_eq!(get(&mut sender, "/before").await, "inside /before");
 
     let started = Instant::now();
@@ -716,19 +733,8 @@ async fn a_destination_that_never_accepts_is_a_504_within_connect_timeout() {
 async fn an_open_tunnel_holds_its_connection_slot() {
     let world = World::new(Mode::Issue(300.0)).await;
     let (dest, _log) = destination(&world.pki).await;
-    let text = config(
-        &world,
-        &format!(
-            "connect_allow = [\"localhost:{}\"]\nmax_connections = 1",
-            dest.port()
-        ),
-        "",
-        "",
-    );
-    let proxy = world.start(&text).await;
-    let (answer, tunnel) = connect(proxy.proxy_addr(), &format!("localhost:{}", dest.port())).await;
-    assert_eq!(answer.status, 200);
-    let (mut sender, conn) = tls_client(&world.pki, tunnel).await;
+    let proxy = proxy_allowing(&world, dest, "max_connections = 1").await;
+    let (mut sender, conn) = tunnel_client(&world, &proxy, dest).await;
     assert_eq!(get(&mut sender, "/held").await, "inside /held");
 
     // The tunnel is the one connection allowed: another is closed at once.

@@ -605,9 +605,13 @@ async fn deadline_reaches_the_upstream_and_its_status_comes_back() {
     w.running.shutdown().await;
 }
 
-#[tokio::test]
-async fn unauthorized_grpc_call_is_counted_not_retried() {
-    let w = World::new().await;
+/// One good call, then one that the upstream refuses as `refuse` says:
+/// the client, the refusal as the app saw it, and the token fetches made
+/// before it.
+async fn a_call_refused_after_a_good_one(
+    w: &World,
+    refuse: &AtomicUsize,
+) -> (tonic::client::Grpc<Channel>, Status, usize) {
     let mut client = grpc_client(w.dedicated()).await;
     client.ready().await.unwrap();
     unary(
@@ -618,7 +622,7 @@ async fn unauthorized_grpc_call_is_counted_not_retried() {
     .await
     .unwrap();
     let fetches = w.tokens.state.count();
-    w.state.force_401.store(1, Ordering::SeqCst);
+    refuse.store(1, Ordering::SeqCst);
     let err = unary(
         &mut client,
         tonic::Request::new(Bytes::from_static(b"x")),
@@ -627,6 +631,40 @@ async fn unauthorized_grpc_call_is_counted_not_retried() {
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    (client, err, fetches)
+}
+
+/// The refused token was dropped: one new token fetch, and the next call
+/// carries the new token.
+async fn the_next_call_carries_a_fresh_token(
+    w: &World,
+    client: &mut tonic::client::Grpc<Channel>,
+    fetches: usize,
+) {
+    w.tokens
+        .state
+        .wait_for_requests(fetches + 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(w.tokens.state.count(), fetches + 1);
+    unary(
+        client,
+        tonic::Request::new(Bytes::from_static(b"y")),
+        "Unary",
+    )
+    .await
+    .unwrap();
+    let calls = w.calls();
+    assert_eq!(calls.len(), 3);
+    assert_ne!(
+        calls[2].authorization, calls[1].authorization,
+        "the call after the refusal carries a new token"
+    );
+}
+
+#[tokio::test]
+async fn unauthorized_grpc_call_is_counted_not_retried() {
+    let w = World::new().await;
+    let (mut client, _, fetches) = a_call_refused_after_a_good_one(&w, &w.state.force_401).await;
     // The request body is a stream: one attempt only, passed through.
     assert_eq!(w.calls().len(), 2);
     assert_eq!(w.requests("401"), 1.0);
@@ -638,26 +676,7 @@ async fn unauthorized_grpc_call_is_counted_not_retried() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(retries, 0.0);
-    // The refused token is dropped: one new token fetch, and the next call
-    // carries the new token.
-    w.tokens
-        .state
-        .wait_for_requests(fetches + 1, Duration::from_secs(10))
-        .await;
-    assert_eq!(w.tokens.state.count(), fetches + 1);
-    unary(
-        &mut client,
-        tonic::Request::new(Bytes::from_static(b"y")),
-        "Unary",
-    )
-    .await
-    .unwrap();
-    let calls = w.calls();
-    assert_eq!(calls.len(), 3);
-    assert_ne!(
-        calls[2].authorization, calls[1].authorization,
-        "the call after the 401 carries a new token"
-    );
+    the_next_call_carries_a_fresh_token(&w, &mut client, fetches).await;
     w.running.shutdown().await;
 }
 
@@ -736,39 +755,9 @@ async fn grpc_to_an_upstream_that_requires_mutual_tls() {
 #[tokio::test]
 async fn grpc_unauthenticated_drops_the_refused_token() {
     let w = World::new().await;
-    let mut client = grpc_client(w.dedicated()).await;
-    client.ready().await.unwrap();
-    unary(
-        &mut client,
-        tonic::Request::new(Bytes::from_static(b"x")),
-        "Unary",
-    )
-    .await
-    .unwrap();
-    let fetches = w.tokens.state.count();
-    w.state.force_unauthenticated.store(1, Ordering::SeqCst);
-    let err = unary(
-        &mut client,
-        tonic::Request::new(Bytes::from_static(b"x")),
-        "Unary",
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let (mut client, err, fetches) =
+        a_call_refused_after_a_good_one(&w, &w.state.force_unauthenticated).await;
     assert_eq!(err.message(), "invalid token");
-    w.tokens
-        .state
-        .wait_for_requests(fetches + 1, Duration::from_secs(10))
-        .await;
-    unary(
-        &mut client,
-        tonic::Request::new(Bytes::from_static(b"y")),
-        "Unary",
-    )
-    .await
-    .unwrap();
-    let calls = w.calls();
-    assert_eq!(calls.len(), 3);
-    assert_ne!(calls[2].authorization, calls[1].authorization);
+    the_next_call_carries_a_fresh_token(&w, &mut client, fetches).await;
     w.running.shutdown().await;
 }

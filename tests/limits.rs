@@ -510,6 +510,21 @@ async fn reloaded_limits_apply_to_new_connections() {
     app.shutdown().await;
 }
 
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>;
+
+/// An h2c (prior knowledge) connection to `addr`, and the task driving it
+/// (it ends when the proxy closes the connection).
+async fn h2c(addr: SocketAddr) -> (H2Sender, tokio::task::JoinHandle<hyper::Result<()>>) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
 /// An HTTP/2 client that connects early (tonic, grpc-go) may open its first
 /// stream long after the preface: that wait is idle time, not a slow head.
 #[tokio::test]
@@ -523,14 +538,7 @@ async fn h2c_connection_may_wait_past_the_header_bound_before_its_first_stream()
             "",
         ))
         .await;
-    let stream = TcpStream::connect(app.proxy_addr()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2c(app.proxy_addr()).await;
     // The passing of time is what is tested: twice the header bound.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(
@@ -562,14 +570,7 @@ async fn h2c_connection_is_idle_between_streams_then_closed() {
             "",
         ))
         .await;
-    let stream = TcpStream::connect(app.proxy_addr()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2c(app.proxy_addr()).await;
     let get = || {
         http::Request::get("http://api.test/h2")
             .body(http_body_util::Empty::<Bytes>::new())
