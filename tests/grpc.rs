@@ -387,24 +387,7 @@ impl World {
         pki.write_ca(dir.path());
         std::fs::write(dir.path().join("secret"), "s\n").unwrap();
         let text = format!(
-            r#"
-[proxy]
-listen = "127.0.0.1:0"
-drain_timeout = "1s"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[tokens]
-request_timeout = "2s"
-retry_initial = "50ms"
-retry_max = "200ms"
-unauthorized_refresh_interval = "1s"
-
-[upstream]
-connect_timeout = "2s"
-response_timeout = "5s"
-
+            r#"{sections}
 [profiles.main]
 token_url = "{token_url}"
 client_id = "svc"
@@ -419,12 +402,11 @@ ca_file = "ca.pem"
 listen = "127.0.0.1:0"
 {route_extra}
 "#,
+            sections = support::TEST_SECTIONS,
             token_url = tokens.url(),
             port = addr.port(),
         );
-        let config = token_injector::config::from_text(&text, dir.path(), Vec::new())
-            .unwrap_or_else(|e| panic!("{e}"));
-        let running = token_injector::start(config).await.unwrap();
+        let running = support::start_in(dir.path(), &text).await;
         Self {
             _pki: pki,
             client_cert,

@@ -113,25 +113,7 @@ fn bearer(req: &Request<Incoming>) -> Option<String> {
 
 fn config(token_url: &str, profile_auth: &str, routes: &str) -> String {
     format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:0"
-drain_timeout = "1s"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[tokens]
-request_timeout = "2s"
-retry_initial = "50ms"
-retry_max = "200ms"
-unauthorized_refresh_interval = "1s"
-
-[upstream]
-connect_timeout = "2s"
-tls_timeout = "2s"
-response_timeout = "5s"
-
+        r#"{sections}
 [profiles.main]
 token_url = "{token_url}"
 client_id = "svc"
@@ -139,14 +121,13 @@ ca_file = "ca.pem"
 {profile_auth}
 
 {routes}
-"#
+"#,
+        sections = support::TEST_SECTIONS,
     )
 }
 
 async fn start(dir: &Path, text: &str) -> token_injector::Running {
-    let config = token_injector::config::from_text(text, dir, Vec::<(String, String)>::new())
-        .unwrap_or_else(|e| panic!("config invalid:\n{e}"));
-    token_injector::start(config).await.unwrap()
+    support::start_in(dir, text).await
 }
 
 fn body_json(text: &str) -> serde_json::Value {

@@ -674,3 +674,33 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
+
+/// The `[proxy]`, `[admin]`, `[tokens]` and `[upstream]` tables of a test
+/// config: loopback listeners on free ports, a 1 s drain, fast token retries
+/// and short upstream bounds. Profiles and routes follow.
+pub const TEST_SECTIONS: &str = r#"
+[proxy]
+listen = "127.0.0.1:0"
+drain_timeout = "1s"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[tokens]
+request_timeout = "2s"
+retry_initial = "50ms"
+retry_max = "200ms"
+unauthorized_refresh_interval = "1s"
+
+[upstream]
+connect_timeout = "2s"
+tls_timeout = "2s"
+response_timeout = "5s"
+"#;
+
+/// Loads `text` (relative paths from `dir`) and starts the proxy.
+pub async fn start_in(dir: &std::path::Path, text: &str) -> token_injector::Running {
+    let config = token_injector::config::from_text(text, dir, Vec::<(String, String)>::new())
+        .unwrap_or_else(|e| panic!("config invalid:\n{e}"));
+    token_injector::start(config).await.unwrap()
+}
