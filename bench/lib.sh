@@ -85,6 +85,41 @@ build() {
     [[ -x $TI_BIN ]] || die "no binary at $TI_BIN"
 }
 
+# In the current directory: a CA and a server certificate for localhost /
+# 127.0.0.1 (test fixtures only; the CA is named after $1), and the fixed
+# 1 KiB and 64 KiB bodies under www/.
+make_tls_fixtures() { # ca-name
+    cat >ca.cnf <<EOF
+[req]
+distinguished_name = dn
+prompt = no
+x509_extensions = v3_ca
+[dn]
+CN = token-injector $1 CA
+[v3_ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+EOF
+    cat >server.ext <<'EOF'
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost, IP:127.0.0.1
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+EOF
+    openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout ca.key -out ca.pem -days 30 -config ca.cnf 2>/dev/null &&
+        openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+            -keyout server.key -out server.csr -subj /CN=localhost 2>/dev/null &&
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+            -days 30 -extfile server.ext -out server.pem 2>/dev/null || return 1
+    mkdir -p www
+    openssl rand -base64 2048 | tr -d '\n' | head -c 1024 >www/1k
+    openssl rand -base64 $((64 * 1024)) | tr -d '\n' | head -c $((64 * 1024)) >www/64k
+}
+
 wait_until() { # seconds description command...
     local secs=$1 what=$2 i
     shift 2

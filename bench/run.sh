@@ -144,36 +144,7 @@ make_fixtures() {
     log "temporary directory $TMP"
     (
         cd "$TMP"
-        # A CA and a server certificate for localhost / 127.0.0.1 (test fixture only).
-        cat >ca.cnf <<'EOF'
-[req]
-distinguished_name = dn
-prompt = no
-x509_extensions = v3_ca
-[dn]
-CN = token-injector bench CA
-[v3_ca]
-basicConstraints = critical, CA:TRUE
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-EOF
-        cat >server.ext <<'EOF'
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth
-subjectAltName = DNS:localhost, IP:127.0.0.1
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-EOF
-        openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-            -keyout ca.key -out ca.pem -days 30 -config ca.cnf 2>/dev/null
-        openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-            -keyout server.key -out server.csr -subj /CN=localhost 2>/dev/null
-        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-            -days 30 -extfile server.ext -out server.pem 2>/dev/null
-        # Fixed bodies.
-        openssl rand -base64 2048 | tr -d '\n' | head -c 1024 >www/1k
-        openssl rand -base64 $((64 * 1024)) | tr -d '\n' | head -c $((64 * 1024)) >www/64k
+        make_tls_fixtures bench || exit 1
         echo "bench-client-secret" >client-secret
         # gRPC messages: a 5-byte prefix (not compressed, big-endian length),
         # then the message. The answer of /bench.Echo/Unary and a 100-byte request.

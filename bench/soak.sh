@@ -86,35 +86,7 @@ make_fixtures() {
     log "temporary directory $TMP"
     (
         cd "$TMP"
-        # A CA and a server certificate for localhost / 127.0.0.1 (test fixture only).
-        cat >ca.cnf <<'EOF2'
-[req]
-distinguished_name = dn
-prompt = no
-x509_extensions = v3_ca
-[dn]
-CN = token-injector soak CA
-[v3_ca]
-basicConstraints = critical, CA:TRUE
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-EOF2
-        cat >server.ext <<'EOF2'
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth
-subjectAltName = DNS:localhost, IP:127.0.0.1
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-EOF2
-        openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-            -keyout ca.key -out ca.pem -days 30 -config ca.cnf 2>/dev/null
-        openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-            -keyout server.key -out server.csr -subj /CN=localhost 2>/dev/null
-        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-            -days 30 -extfile server.ext -out server.pem 2>/dev/null
-        openssl rand -base64 2048 | tr -d '\n' | head -c 1024 >www/1k
-        openssl rand -base64 $((64 * 1024)) | tr -d '\n' | head -c $((64 * 1024)) >www/64k
+        make_tls_fixtures soak || exit 1
         echo "soak-client-secret" >client-secret
         chmod 600 client-secret
     ) || die "making certificates and bodies"
