@@ -612,29 +612,7 @@ pub const DRAIN_MAX: u64 = 64 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 /// Drains at once, process-wide; beyond it an abandoned body just closes
 /// its connection, as before.
-const DRAINS_MAX: usize = 64;
-static DRAINS: AtomicUsize = AtomicUsize::new(0);
-
-/// One running drain, counted until dropped.
-struct DrainSlot;
-
-impl DrainSlot {
-    fn take() -> Option<Self> {
-        DRAINS
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < DRAINS_MAX).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| DrainSlot)
-    }
-}
-
-impl Drop for DrainSlot {
-    fn drop(&mut self) {
-        DRAINS.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
+static DRAINS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(64);
 impl Tracked {
     fn new(inner: proxy::Body, busy: BusyGuard, idle: Duration, drain: bool) -> Self {
         Self {
@@ -663,7 +641,7 @@ impl Drop for Tracked {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let Some(slot) = DrainSlot::take() else {
+        let Ok(slot) = DRAINS.try_acquire() else {
             return;
         };
         let body = std::mem::replace(
