@@ -116,8 +116,10 @@ EOF
         openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
             -days 30 -extfile server.ext -out server.pem 2>/dev/null || return 1
     mkdir -p www
-    openssl rand -base64 2048 | tr -d '\n' | head -c 1024 >www/1k
-    openssl rand -base64 $((64 * 1024)) | tr -d '\n' | head -c $((64 * 1024)) >www/64k
+    # Hex, exactly 1 KiB and 64 KiB. (No `| head -c`: under pipefail the
+    # writer's SIGPIPE when head exits early failed the whole step at random.)
+    openssl rand -hex 512 | tr -d '\n' >www/1k
+    openssl rand -hex $((32 * 1024)) | tr -d '\n' >www/64k
 }
 
 wait_until() { # seconds description command...
