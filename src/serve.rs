@@ -29,7 +29,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Config;
@@ -336,7 +336,6 @@ struct Activity {
     /// belongs to (0: none), with that head's request line.
     refusal: AtomicU8,
     refused_line: Mutex<Vec<u8>>,
-    changed: Notify,
 }
 
 impl Activity {
@@ -352,7 +351,6 @@ impl Activity {
             preface_seen: AtomicU8::new(0),
             refusal: AtomicU8::new(0),
             refused_line: Mutex::new(Vec::new()),
-            changed: Notify::new(),
         }
     }
 
@@ -389,8 +387,6 @@ impl Activity {
                 if let Phase::Head(_) = s.phase {
                     s.phase = Phase::Idle(Instant::now());
                     self.idle.store(true, Ordering::Release);
-                    drop(s);
-                    self.changed.notify_one();
                 }
             }
         }
@@ -403,8 +399,6 @@ impl Activity {
         if let Phase::Idle(_) = s.phase {
             s.phase = Phase::Head(Instant::now());
             self.idle.store(false, Ordering::Release);
-            drop(s);
-            self.changed.notify_one();
         }
     }
 
@@ -449,8 +443,6 @@ impl Activity {
         s.phase = Phase::Busy;
         self.idle.store(false, Ordering::Release);
         drop(s);
-        // No wake-up: the watcher finds the connection busy when its current
-        // deadline passes, and a busy connection has no deadline to shorten.
         BusyGuard {
             activity: Arc::clone(self),
         }
@@ -458,7 +450,6 @@ impl Activity {
 
     fn tunnel(&self) {
         self.lock().tunnel = true;
-        self.changed.notify_one();
     }
 
     fn done(&self) {
@@ -467,34 +458,33 @@ impl Activity {
         if s.in_flight == 0 && !s.tunnel {
             s.phase = Phase::Idle(Instant::now());
             self.idle.store(true, Ordering::Release);
-            drop(s);
-            self.changed.notify_one();
         }
     }
 
     /// Resolves, naming the limit, once the connection has waited too long
     /// for a request head or has been idle too long.
+    ///
+    /// Phase changes do not wake this watcher: that cost a wake-up of the
+    /// connection's task and a timer reset per request. It looks at the
+    /// phase at least every `min(header, idle)` instead. That is never too
+    /// late: a phase that begins after a look ends no sooner than a whole
+    /// bound later, and the next look is at most that far away. A phase
+    /// that has not changed since the last look is held to its bound exactly.
     async fn expired(&self, header: Duration, idle: Duration) -> &'static str {
+        let period = header.min(idle);
+        let sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(sleep);
         loop {
-            // `notify_one` keeps a permit, so a change between reading the
-            // phase and waiting is not lost.
-            let phase = self.lock().phase;
-            let (deadline, why) = match phase {
-                Phase::Head(since) => (since + header, "proxy.header_read_timeout"),
-                Phase::Idle(since) => (since + idle, "proxy.idle_timeout"),
-                Phase::Busy => {
-                    self.changed.notified().await;
-                    continue;
-                }
+            (&mut sleep).await;
+            let now = Instant::now();
+            let next = match self.lock().phase {
+                Phase::Head(since) if since + header <= now => return "proxy.header_read_timeout",
+                Phase::Idle(since) if since + idle <= now => return "proxy.idle_timeout",
+                Phase::Head(since) => (since + header).min(now + period),
+                Phase::Idle(since) => (since + idle).min(now + period),
+                Phase::Busy => now + period,
             };
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {
-                    if self.lock().phase == phase {
-                        return why;
-                    }
-                }
-                _ = self.changed.notified() => {}
-            }
+            sleep.as_mut().reset(next);
         }
     }
 }
