@@ -16,7 +16,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
+use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::MaybeHttpsStream;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -44,7 +46,7 @@ pub struct Connector {
 }
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = MaybeHttpsStream<TokioIo<TcpStream>>;
+    type Response = Stream;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -57,13 +59,74 @@ impl tower_service::Service<Uri> for Connector {
         let limit = self.limit;
         Box::pin(async move {
             match tokio::time::timeout(limit, connecting).await {
-                Ok(result) => result,
+                Ok(result) => result.map(Stream),
                 Err(_) => Err(Box::new(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!("TCP connect and TLS handshake took longer than {limit:?}"),
                 )) as BoxError),
             }
         })
+    }
+}
+
+/// An upstream connection. It tells hyper-util only the negotiated
+/// protocol: the TCP stream's own `connected()` adds the socket addresses as
+/// "extra" connection info, which hyper-util then copies into every
+/// response's extensions (two allocations and two frees per request) for
+/// nobody to read.
+pub struct Stream(MaybeHttpsStream<TokioIo<TcpStream>>);
+
+impl Connection for Stream {
+    fn connected(&self) -> Connected {
+        let h2 = match &self.0 {
+            MaybeHttpsStream::Http(_) => false,
+            MaybeHttpsStream::Https(s) => s.inner().get_ref().1.alpn_protocol() == Some(b"h2"),
+        };
+        if h2 {
+            Connected::new().negotiated_h2()
+        } else {
+            Connected::new()
+        }
+    }
+}
+
+impl Read for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl Write for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 
