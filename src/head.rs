@@ -105,7 +105,22 @@ impl Scan {
     /// Feeds the next bytes of the head. After `Ended`, the scanner is
     /// reset for the next head.
     pub fn feed(&mut self, bytes: &[u8]) -> Fed {
-        for &b in bytes {
+        let mut i = 0;
+        while i < bytes.len() {
+            // A header value and the request line matter only for where
+            // they end (and the line for its first bytes): jump to the next
+            // CR or LF instead of looking at each byte.
+            if self.in_value || self.lines == 0 {
+                let rest = &bytes[i..];
+                let run = memchr::memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
+                if run > 0 {
+                    self.other(&rest[..run]);
+                    i += run;
+                    continue;
+                }
+            }
+            let b = bytes[i];
+            i += 1;
             match b {
                 b'\n' => {
                     if !self.prev_cr {
@@ -130,36 +145,44 @@ impl Scan {
                     self.in_value = false;
                 }
                 b'\r' => self.prev_cr = true,
+                b':' => {
+                    self.other_byte();
+                    self.in_value = true;
+                    let name = &self.name[..self.name_len.min(NAME_MAX)];
+                    if self.name_len <= NAME_MAX {
+                        self.content_length |= name == CONTENT_LENGTH;
+                        self.transfer_encoding |= name == TRANSFER_ENCODING;
+                    }
+                }
                 _ => {
-                    self.prev_cr = false;
-                    self.line_len = self.line_len.saturating_add(1);
-                    if self.lines == 0 {
-                        if self.line_kept < LINE_KEEP {
-                            self.line[self.line_kept] = b;
-                            self.line_kept += 1;
-                        }
-                        continue;
+                    self.other_byte();
+                    if self.name_len < NAME_MAX {
+                        self.name[self.name_len] = b.to_ascii_lowercase();
                     }
-                    if self.in_value {
-                        continue;
-                    }
-                    if b == b':' {
-                        self.in_value = true;
-                        let name = &self.name[..self.name_len.min(NAME_MAX)];
-                        if self.name_len <= NAME_MAX {
-                            self.content_length |= name == CONTENT_LENGTH;
-                            self.transfer_encoding |= name == TRANSFER_ENCODING;
-                        }
-                    } else {
-                        if self.name_len < NAME_MAX {
-                            self.name[self.name_len] = b.to_ascii_lowercase();
-                        }
-                        self.name_len = self.name_len.saturating_add(1);
-                    }
+                    self.name_len = self.name_len.saturating_add(1);
                 }
             }
         }
         Fed::More
+    }
+
+    /// A byte of a header name (or its colon): neither CR nor LF.
+    fn other_byte(&mut self) {
+        self.prev_cr = false;
+        self.line_len = self.line_len.saturating_add(1);
+    }
+
+    /// A run of bytes without CR or LF in a value or the request line.
+    fn other(&mut self, run: &[u8]) {
+        self.prev_cr = false;
+        self.line_len = self
+            .line_len
+            .saturating_add(u32::try_from(run.len()).unwrap_or(u32::MAX));
+        if self.lines == 0 {
+            let keep = run.len().min(LINE_KEEP - self.line_kept);
+            self.line[self.line_kept..self.line_kept + keep].copy_from_slice(&run[..keep]);
+            self.line_kept += keep;
+        }
     }
 
     /// The start of the request line of the head that ended last (up to
