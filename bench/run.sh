@@ -4,6 +4,7 @@
 #   bash bench/run.sh            compare: 3 subjects + direct, 2 shapes, 2 bodies, 16/128 connections
 #   bash bench/run.sh scale      1 / 100 / 10,000 routes and profiles; 16 -> 1,024 connections
 #   bash bench/run.sh h2         HTTP/2 and unary gRPC: h2c in, HTTP/2 over TLS out (h2load; nginx grpc_pass)
+#   bash bench/run.sh profile    where each subject's CPU goes under load (perf, cpu-clock samples)
 #   QUICK=1 bash bench/run.sh    smoke test: 2 s runs, 1 round
 #
 # Everything runs on 127.0.0.1 from a temporary directory; every process this
@@ -34,12 +35,15 @@ Environment (defaults in brackets):
   UPSTREAM_HOST host in token-injector's route upstream URL: localhost or 127.0.0.1 [localhost]
   TI_BIN        use this token-injector binary instead of building one
   KEEP_TMP      1: keep the temporary directory (configs, logs) [0]
+  profile mode: one run per subject (SUBJECTS, default token-injector nginx haproxy)
+  at the first of SHAPES, BODIES and CONNS, DURATION s of perf samples;
+  PROFILER=callgrind: token-injector only, under valgrind: instructions per request
 EOF
 }
 
 MODE=${1:-compare}
 case $MODE in
-    compare | scale | h2) ;;
+    compare | scale | h2 | profile) ;;
     -h | --help | help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
 esac
@@ -58,7 +62,11 @@ fi
 CONNS=${CONNS:-"16 128"}
 BODIES=${BODIES:-"1k 64k"}
 SHAPES=${SHAPES:-"origin absolute"}
-SUBJECTS=${SUBJECTS:-"token-injector nginx haproxy direct"}
+if [[ $MODE == profile ]]; then
+    SUBJECTS=${SUBJECTS:-"token-injector nginx haproxy"}
+else
+    SUBJECTS=${SUBJECTS:-"token-injector nginx haproxy direct"}
+fi
 SCALE_COUNTS=${SCALE_COUNTS:-"1 100 10000"}
 SCALE_CONNS=${SCALE_CONNS:-128}
 H2_SCENARIOS=${H2_SCENARIOS:-"h2 grpc"}
@@ -69,6 +77,7 @@ LOAD_CPU=${LOAD_CPU:-0}
 BUSY=${BUSY:-1}
 PORT_BASE=${PORT_BASE:-18400}
 KEEP_TMP=${KEEP_TMP:-0}
+PROFILER=${PROFILER:-perf}
 UPSTREAM_HOST=${UPSTREAM_HOST:-localhost}
 
 UPSTREAM_PORT=$((PORT_BASE + 43))
@@ -114,6 +123,13 @@ ensure_packages() {
     command -v curl >/dev/null || missing+=(curl)
     command -v python3 >/dev/null || missing+=(python3)
     [[ $MODE == h2 ]] && { command -v h2load >/dev/null && command -v nghttp >/dev/null || missing+=(nghttp2-client); }
+    if [[ $MODE == profile ]]; then
+        if [[ $PROFILER == callgrind ]]; then
+            command -v valgrind >/dev/null || missing+=(valgrind)
+        else
+            command -v perf >/dev/null || missing+=(linux-perf)
+        fi
+    fi
     if ((${#missing[@]})); then
         log "installing ${missing[*]}"
         # Keep the packages' maintainer scripts from starting the Debian
@@ -154,7 +170,8 @@ for path, n in (("www/bench.Echo/Unary", 1024), ("grpc-request", 100)):
     open(path, "wb").write(b"\0" + struct.pack(">I", n) + os.urandom(n))'
     ) || die "making certificates and bodies"
     # A ~900-byte opaque access token (base64url characters, not a JWT).
-    TOKEN=$(openssl rand -base64 800 | tr -d '\n=' | tr '+/' '-_' | head -c 900)
+    TOKEN=$(openssl rand -base64 800 | tr -d '\n=' | tr '+/' '-_')
+    TOKEN=${TOKEN:0:900}
     [[ ${#TOKEN} == 900 ]] || die "token generation"
     : >"$TMP/token.log"
     : >"$TMP/upstream-conn.log"
@@ -680,6 +697,89 @@ mode_h2() {
     stop_busy
 }
 
+# Where the CPU goes: for each subject, a warm-up, then DURATION s of load
+# while `perf record -e cpu-clock` samples the subject's processes (software
+# clock: this machine's hypervisor has no hardware counters). Writes
+# profile-<subject>.txt (self time by binary and symbol) and prints the
+# kernel/user split and the top symbols. Symbols of token-injector need no
+# debug info (the release binary keeps its symbol table).
+mode_profile() {
+    if [[ $PROFILER == callgrind ]]; then
+        profile_callgrind
+        return
+    fi
+    [[ $PROFILER == perf ]] || die "PROFILER=$PROFILER: perf or callgrind"
+    command -v perf >/dev/null || die "perf is missing (Debian: linux-perf)"
+    local shape body conns subj url pids
+    read -r shape _ <<<"$SHAPES"
+    read -r body _ <<<"$BODIES"
+    read -r conns _ <<<"$CONNS"
+    for subj in $SUBJECTS; do
+        [[ $subj == direct ]] && continue
+        start_subject "$subj"
+        if [[ $shape == absolute ]]; then url=${SUBJ_PROXY[$subj]}; else url=${SUBJ_ORIGIN[$subj]}; fi
+        pids=$(tr ' ' ',' <<<"${SUBJ_PIDS[$subj]}")
+        start_busy
+        run_load "$WARMUP" "$conns" "$url" "$shape" "$body" "" || die "warm-up: $(load_output)"
+        perf record -q -e cpu-clock -F 4999 -p "$pids" -o "$RESULTS/perf-$subj.data" -- sleep "$DURATION" \
+            >"$TMP/logs/perf-$subj.out" 2>&1 &
+        local perf_pid=$!
+        run_load "$DURATION" "$conns" "$url" "$shape" "$body" "" || die "load: $(load_output)"
+        wait "$perf_pid" || die "perf record (see $TMP/logs/perf-$subj.out)"
+        stop_busy
+        BUSY_PIDS=()
+        local reqs
+        reqs=$(load_json | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
+        perf report -q --stdio -i "$RESULTS/perf-$subj.data" --no-children --sort dso,sym \
+            --percent-limit 0.3 >"$RESULTS/profile-$subj.txt" 2>/dev/null || die "perf report"
+        {
+            echo "== $subj: $shape /$body c=$conns, $reqs requests in ${DURATION} s =="
+            perf report -q --stdio -i "$RESULTS/perf-$subj.data" --no-children --sort dso 2>/dev/null | head -n 8
+            head -n 25 "$RESULTS/profile-$subj.txt"
+            echo
+        } | tee -a "$RESULTS/table.txt"
+        stop_pid ${SUBJ_PIDS[$subj]}
+        local p
+        for p in ${SUBJ_PIDS[$subj]}; do untrack "$p"; done
+    done
+}
+
+# Instructions per request in token-injector's own process (user space:
+# the kernel's share is not counted), the same run after run whatever else
+# the machine does: the figure to compare two builds of the hot path
+# (TI_BIN=...). Collection starts after the warm-up and stops before exit,
+# so start-up is not counted. Writes callgrind.out and profile-callgrind.txt.
+profile_callgrind() {
+    command -v valgrind >/dev/null || die "valgrind is missing"
+    local shape body conns url pid reqs ir
+    read -r shape _ <<<"$SHAPES"
+    read -r body _ <<<"$BODIES"
+    read -r conns _ <<<"$CONNS"
+    render "$BENCH_DIR/conf/token-injector.toml" "$TMP/token-injector.toml"
+    TOKEN_INJECTOR_WORKERS=1 RUST_LOG=warn taskset -c "$PROXY_CPU" \
+        valgrind --tool=callgrind --collect-atstart=no --callgrind-out-file="$RESULTS/callgrind.out" \
+        "$TI_BIN" run --config "$TMP/token-injector.toml" >"$TMP/logs/callgrind.log" 2>&1 &
+    pid=$!
+    track "$pid"
+    wait_ti_ready "$TI_ADMIN_PORT" 1 120 || die "token-injector under valgrind: not ready (see $TMP/logs/callgrind.log)"
+    if [[ $shape == absolute ]]; then url=http://127.0.0.1:$TI_PROXY_PORT; else url=http://127.0.0.1:$TI_ROUTE_PORT; fi
+    run_load "$WARMUP" "$conns" "$url" "$shape" "$body" "" || die "warm-up: $(load_output)"
+    callgrind_control -i on "$pid" >/dev/null || die "callgrind_control"
+    run_load "$DURATION" "$conns" "$url" "$shape" "$body" "" || die "load: $(load_output)"
+    callgrind_control -i off "$pid" >/dev/null || die "callgrind_control"
+    reqs=$(load_json | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
+    stop_pid "$pid"
+    untrack "$pid"
+    callgrind_annotate --inclusive=no "$RESULTS/callgrind.out" >"$RESULTS/profile-callgrind.txt" 2>/dev/null ||
+        die "callgrind_annotate"
+    ir=$(awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }' "$RESULTS/profile-callgrind.txt")
+    {
+        echo "== token-injector under callgrind: $shape /$body c=$conns, $reqs requests"
+        echo "instructions per request (user space): $((ir / reqs))"
+        grep -A 25 '^Ir ' "$RESULTS/profile-callgrind.txt" | tail -n +3 | cut -c1-160
+    } | tee -a "$RESULTS/table.txt"
+}
+
 validate_settings() {
     local v b
     for v in DURATION WARMUP ROUNDS SCALE_CONNS PROXY_CPU LOAD_CPU PORT_BASE; do
@@ -713,6 +813,10 @@ main() {
     : >"$RAW"
     start_upstream
     "mode_$MODE"
+    if [[ $MODE == profile ]]; then
+        log "results in ${RESULTS#"$ROOT"/}"
+        return
+    fi
     log "token requests during measured runs: $(python3 -c "import json,sys; print(sum(json.loads(l)['token_requests'] for l in open(sys.argv[1])))" "$RAW")"
     python3 "$BENCH_DIR/report.py" "$RESULTS" | tee "$RESULTS/table.txt"
     log "results in ${RESULTS#"$ROOT"/}"
