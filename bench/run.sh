@@ -747,7 +747,7 @@ mode_profile() {
 # Instructions per request in token-injector's own process (user space:
 # the kernel's share is not counted), the same run after run whatever else
 # the machine does: the figure to compare two builds of the hot path
-# (TI_BIN=...). Collection starts after the warm-up and stops before exit,
+# (TI_BIN=...). Instrumentation starts after the warm-up and stops before exit,
 # so start-up is not counted. Writes callgrind.out and profile-callgrind.txt.
 profile_callgrind() {
     command -v valgrind >/dev/null || die "valgrind is missing"
@@ -757,7 +757,7 @@ profile_callgrind() {
     read -r conns _ <<<"$CONNS"
     render "$BENCH_DIR/conf/token-injector.toml" "$TMP/token-injector.toml"
     TOKEN_INJECTOR_WORKERS=1 RUST_LOG=warn taskset -c "$PROXY_CPU" \
-        valgrind --tool=callgrind --collect-atstart=no --callgrind-out-file="$RESULTS/callgrind.out" \
+        valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$RESULTS/callgrind.out" \
         "$TI_BIN" run --config "$TMP/token-injector.toml" >"$TMP/logs/callgrind.log" 2>&1 &
     pid=$!
     track "$pid"
