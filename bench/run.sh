@@ -12,7 +12,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'
     cat <<'EOF'
 
 Environment (defaults in brackets):
@@ -720,12 +720,16 @@ mode_profile() {
         if [[ $shape == absolute ]]; then url=${SUBJ_PROXY[$subj]}; else url=${SUBJ_ORIGIN[$subj]}; fi
         pids=$(tr ' ' ',' <<<"${SUBJ_PIDS[$subj]}")
         start_busy
-        run_load "$WARMUP" "$conns" "$url" "$shape" "$body" "" || die "warm-up: $(load_output)"
+        if ((WARMUP > 0)); then
+            run_load "$WARMUP" "$conns" "$url" "$shape" "$body" "" || die "warm-up: $(load_output)"
+        fi
         perf record -q -e cpu-clock -F 4999 -p "$pids" -o "$RESULTS/perf-$subj.data" -- sleep "$DURATION" \
             >"$TMP/logs/perf-$subj.out" 2>&1 &
         local perf_pid=$!
+        track "$perf_pid"
         run_load "$DURATION" "$conns" "$url" "$shape" "$body" "" || die "load: $(load_output)"
         wait "$perf_pid" || die "perf record (see $TMP/logs/perf-$subj.out)"
+        untrack "$perf_pid"
         stop_busy
         BUSY_PIDS=()
         local reqs
@@ -734,7 +738,7 @@ mode_profile() {
             --percent-limit 0.3 >"$RESULTS/profile-$subj.txt" 2>/dev/null || die "perf report"
         {
             echo "== $subj: $shape /$body c=$conns, $reqs requests in ${DURATION} s =="
-            perf report -q --stdio -i "$RESULTS/perf-$subj.data" --no-children --sort dso 2>/dev/null | head -n 8
+            perf report -q --stdio -i "$RESULTS/perf-$subj.data" --no-children --sort dso 2>/dev/null | sed -n 1,8p
             head -n 25 "$RESULTS/profile-$subj.txt"
             echo
         } | tee -a "$RESULTS/table.txt"
@@ -763,16 +767,23 @@ profile_callgrind() {
     track "$pid"
     wait_ti_ready "$TI_ADMIN_PORT" 1 120 || die "token-injector under valgrind: not ready (see $TMP/logs/callgrind.log)"
     if [[ $shape == absolute ]]; then url=http://127.0.0.1:$TI_PROXY_PORT; else url=http://127.0.0.1:$TI_ROUTE_PORT; fi
-    run_load "$WARMUP" "$conns" "$url" "$shape" "$body" "" || die "warm-up: $(load_output)"
+    if ((WARMUP > 0)); then
+        run_load "$WARMUP" "$conns" "$url" "$shape" "$body" "" || die "warm-up: $(load_output)"
+    fi
     callgrind_control -i on "$pid" >/dev/null || die "callgrind_control"
     run_load "$DURATION" "$conns" "$url" "$shape" "$body" "" || die "load: $(load_output)"
     callgrind_control -i off "$pid" >/dev/null || die "callgrind_control"
     reqs=$(load_json | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
+    # callgrind writes its file at exit: give the drain (slow under
+    # valgrind) up to a minute before stop_pid's SIGKILL.
+    kill -TERM "$pid" 2>/dev/null || true
+    wait_until 60 "token-injector under valgrind to exit" bash -c '! kill -0 "$1" 2>/dev/null' _ "$pid"
     stop_pid "$pid"
     untrack "$pid"
     callgrind_annotate --inclusive=no "$RESULTS/callgrind.out" >"$RESULTS/profile-callgrind.txt" 2>/dev/null ||
         die "callgrind_annotate"
     ir=$(awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }' "$RESULTS/profile-callgrind.txt")
+    [[ $ir =~ ^[0-9]+$ && $reqs =~ ^[1-9][0-9]*$ ]] || die "no instruction count ($ir) or no requests ($reqs)"
     {
         echo "== token-injector under callgrind: $shape /$body c=$conns, $reqs requests"
         echo "instructions per request (user space): $((ir / reqs))"
