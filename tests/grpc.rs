@@ -402,7 +402,7 @@ ca_file = "ca.pem"
 listen = "127.0.0.1:0"
 {route_extra}
 "#,
-            sections = support::TEST_SECTIONS,
+            sections = support::test_sections("1s"),
             token_url = tokens.url(),
             port = addr.port(),
         );

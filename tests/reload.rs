@@ -44,24 +44,7 @@ scopes = ["read", "write"]"#;
 /// `main` (auth method, scopes) and `extra` appended (routes, profiles).
 fn config(w: &World, main_auth: &str, extra: &str) -> String {
     format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:0"
-drain_timeout = "5s"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[tokens]
-request_timeout = "2s"
-retry_initial = "50ms"
-retry_max = "200ms"
-unauthorized_refresh_interval = "1s"
-
-[upstream]
-connect_timeout = "2s"
-response_timeout = "5s"
-
+        r#"{sections}
 [profiles.main]
 token_url = "{token_url}"
 client_id = "{CLIENT_ID}"
@@ -76,6 +59,7 @@ ca_file = "ca.pem"
 
 {extra}
 "#,
+        sections = test_sections("5s"),
         token_url = w.tokens.url(),
         upstream = w.upstream_url(),
     )

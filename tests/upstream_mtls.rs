@@ -122,7 +122,7 @@ ca_file = "ca.pem"
 
 {routes}
 "#,
-        sections = support::TEST_SECTIONS,
+        sections = support::test_sections("1s"),
     )
 }
 

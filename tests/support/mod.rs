@@ -529,24 +529,7 @@ impl World {
     /// fast retry timings, plus `extra` TOML appended (more routes, tables).
     pub fn config(&self, route_extra: &str, extra: &str) -> String {
         format!(
-            r#"
-[proxy]
-listen = "127.0.0.1:0"
-drain_timeout = "5s"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[tokens]
-request_timeout = "2s"
-retry_initial = "50ms"
-retry_max = "200ms"
-unauthorized_refresh_interval = "1s"
-
-[upstream]
-connect_timeout = "2s"
-response_timeout = "5s"
-
+            r#"{sections}
 [profiles.main]
 token_url = "{token_url}"
 client_id = "{CLIENT_ID}"
@@ -563,6 +546,7 @@ ca_file = "ca.pem"
 
 {extra}
 "#,
+            sections = test_sections("5s"),
             token_url = self.tokens.url(),
             upstream = self.upstream_url(),
         )
@@ -676,12 +660,15 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
 }
 
 /// The `[proxy]`, `[admin]`, `[tokens]` and `[upstream]` tables of a test
-/// config: loopback listeners on free ports, a 1 s drain, fast token retries
-/// and short upstream bounds. Profiles and routes follow.
-pub const TEST_SECTIONS: &str = r#"
+/// config: loopback listeners on free ports, this drain bound, fast token
+/// retries and short upstream bounds. Profiles and routes follow. Tests edit
+/// the text by its lines (`drain_timeout = "5s"`, `response_timeout = "5s"`).
+pub fn test_sections(drain_timeout: &str) -> String {
+    format!(
+        r#"
 [proxy]
 listen = "127.0.0.1:0"
-drain_timeout = "1s"
+drain_timeout = "{drain_timeout}"
 
 [admin]
 listen = "127.0.0.1:0"
@@ -694,9 +681,10 @@ unauthorized_refresh_interval = "1s"
 
 [upstream]
 connect_timeout = "2s"
-tls_timeout = "2s"
 response_timeout = "5s"
-"#;
+"#
+    )
+}
 
 /// Loads `text` (relative paths from `dir`) and starts the proxy.
 pub async fn start_in(dir: &std::path::Path, text: &str) -> token_injector::Running {
