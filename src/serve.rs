@@ -754,40 +754,44 @@ mod tests {
         );
     }
 
+    /// Starts the watcher (header bound 50 ms, idle 100 ms), makes `change`
+    /// after `at` (the watcher must not have fired), and returns why and
+    /// when it then fired.
+    async fn expiry_with_change_at(
+        a: &Activity,
+        at: Duration,
+        change: impl FnOnce(),
+    ) -> (&'static str, Duration) {
+        let start = Instant::now();
+        let watcher = a.expired(Duration::from_millis(50), Duration::from_millis(100));
+        tokio::pin!(watcher);
+        tokio::select! {
+            why = &mut watcher => panic!("expired before the change: {why}"),
+            _ = tokio::time::sleep(at) => {}
+        }
+        change();
+        (watcher.await, start.elapsed())
+    }
+
     /// Phase changes do not wake the watcher; a change while it sleeps is
     /// still held to its own bound, neither early nor late.
     #[tokio::test(start_paused = true)]
     async fn a_phase_that_begins_while_the_watcher_sleeps_keeps_its_bound() {
-        let header = Duration::from_millis(50);
-        let idle = Duration::from_millis(100);
+        // Idle from the start (idle deadline at 100 ms); at 30 ms the first
+        // byte of a head arrives: the header bound ends at 80 ms.
         let a = Arc::new(Activity::new());
         drop(a.busy());
-        let start = Instant::now();
-        let watcher = a.expired(header, idle);
-        tokio::pin!(watcher);
-        // Idle since `start`: its idle deadline is 100 ms away. At 30 ms the
-        // first byte of a head arrives: the header bound ends at 80 ms.
-        tokio::select! {
-            why = &mut watcher => panic!("expired early: {why}"),
-            _ = tokio::time::sleep(Duration::from_millis(30)) => {}
-        }
-        a.on_read(b"G");
-        assert_eq!(watcher.await, "proxy.header_read_timeout");
-        assert_eq!(start.elapsed(), Duration::from_millis(80));
-
+        assert_eq!(
+            expiry_with_change_at(&a, Duration::from_millis(30), || a.on_read(b"G")).await,
+            ("proxy.header_read_timeout", Duration::from_millis(80))
+        );
         // Busy, then idle at 40 ms: the idle bound ends at 140 ms.
         let b = Arc::new(Activity::new());
         let busy = b.busy();
-        let start = Instant::now();
-        let watcher = b.expired(header, idle);
-        tokio::pin!(watcher);
-        tokio::select! {
-            why = &mut watcher => panic!("a busy connection expired: {why}"),
-            _ = tokio::time::sleep(Duration::from_millis(40)) => {}
-        }
-        drop(busy);
-        assert_eq!(watcher.await, "proxy.idle_timeout");
-        assert_eq!(start.elapsed(), Duration::from_millis(140));
+        assert_eq!(
+            expiry_with_change_at(&b, Duration::from_millis(40), || drop(busy)).await,
+            ("proxy.idle_timeout", Duration::from_millis(140))
+        );
     }
 
     #[tokio::test]
