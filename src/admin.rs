@@ -93,6 +93,13 @@ impl Status {
                     .unwrap_or(serde_json::Value::Null),
             );
             p.insert(
+                "failing_since".into(),
+                store
+                    .failing_since()
+                    .map(|t| humantime::format_rfc3339_seconds(t).to_string().into())
+                    .unwrap_or(serde_json::Value::Null),
+            );
+            p.insert(
                 "last_error".into(),
                 store
                     .last_error()

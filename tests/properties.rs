@@ -673,7 +673,7 @@ fn strip_honours_every_connection_line() {
 
 const SECTIONS: [&str; 6] = ["proxy", "admin", "tokens", "upstream", "profiles", "routes"];
 
-const KEYS: [&str; 47] = [
+const KEYS: [&str; 48] = [
     "listen",
     "header_read_timeout",
     "idle_timeout",
@@ -693,6 +693,7 @@ const KEYS: [&str; 47] = [
     "expiry_skew",
     "retry_initial",
     "retry_max",
+    "retry_max_without_token",
     "unauthorized_refresh_interval",
     "connect_timeout",
     "response_timeout",

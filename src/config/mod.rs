@@ -105,6 +105,8 @@ pub struct Tokens {
     pub expiry_skew: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// The retry cap while a profile has no usable token and requests wait.
+    pub retry_max_without_token: Duration,
     pub unauthorized_refresh_interval: Duration,
 }
 
@@ -521,6 +523,11 @@ impl Validator<'_> {
             expiry_skew: self.duration("tokens.expiry_skew", t.expiry_skew, "5s"),
             retry_initial: self.duration("tokens.retry_initial", t.retry_initial, "500ms"),
             retry_max: self.duration("tokens.retry_max", t.retry_max, "30s"),
+            retry_max_without_token: self.duration(
+                "tokens.retry_max_without_token",
+                t.retry_max_without_token,
+                "2s",
+            ),
             unauthorized_refresh_interval: self.duration(
                 "tokens.unauthorized_refresh_interval",
                 t.unauthorized_refresh_interval,
@@ -552,6 +559,12 @@ impl Validator<'_> {
         if tokens.retry_max < tokens.retry_initial {
             self.problem(
                 "tokens.retry_max",
+                "must not be less than tokens.retry_initial",
+            );
+        }
+        if tokens.retry_max_without_token < tokens.retry_initial {
+            self.problem(
+                "tokens.retry_max_without_token",
                 "must not be less than tokens.retry_initial",
             );
         }

@@ -56,6 +56,7 @@ pub struct RawTokens {
     pub expiry_skew: Option<String>,
     pub retry_initial: Option<String>,
     pub retry_max: Option<String>,
+    pub retry_max_without_token: Option<String>,
     pub unauthorized_refresh_interval: Option<String>,
 }
 

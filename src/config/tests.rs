@@ -698,3 +698,29 @@ fn connect_allow_entries_need_a_port() {
     );
     assert!(p[1].starts_with("proxy.connect_allow[3]: "), "{p:?}");
 }
+
+#[test]
+fn retry_max_without_token_defaults_and_is_bounded_by_retry_initial() {
+    let dir = dir_with_secret();
+    let config = load(GOOD, &dir).unwrap();
+    assert_eq!(
+        config.tokens.retry_max_without_token,
+        Duration::from_secs(2)
+    );
+    let text = format!("{GOOD}\n[tokens]\nretry_initial = \"3s\"\n");
+    assert_eq!(
+        problems(&text),
+        vec!["tokens.retry_max_without_token: must not be less than tokens.retry_initial"]
+    );
+    let text = format!("{GOOD}\n[tokens]\nretry_max_without_token = \"250ms\"\n");
+    assert_eq!(
+        problems(&text),
+        vec!["tokens.retry_max_without_token: must not be less than tokens.retry_initial"]
+    );
+    let text = format!("{GOOD}\n[tokens]\nretry_max_without_token = \"5s\"\n");
+    let config = load(&text, &dir).unwrap();
+    assert_eq!(
+        config.tokens.retry_max_without_token,
+        Duration::from_secs(5)
+    );
+}

@@ -10,10 +10,18 @@ pub mod assertion;
 pub mod client;
 pub mod refresh;
 pub mod response;
+pub mod source;
 pub mod store;
 
+#[cfg(test)]
+mod lifecycle_tests;
+
 use std::fmt;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+// tokio's clock, so that tests can run a token's whole life in paused time;
+// outside tests it is `std::time::Instant` itself.
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -21,6 +29,7 @@ use http::HeaderValue;
 pub use client::Client;
 pub use refresh::Policy;
 pub use response::FetchError;
+pub use source::Source;
 pub use store::{Store, Unavailable};
 
 /// A usable access token with its prebuilt `Authorization` header value.

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use arc_swap::{ArcSwapOption, Guard};
 use tokio::sync::{Notify, watch};
@@ -37,6 +39,12 @@ pub struct Store {
     fetching: AtomicBool,
     /// The last attempt failed and the task is waiting to retry.
     backing_off: AtomicBool,
+    /// A request found no usable token since the last attempt began: the
+    /// task retries sooner while this holds (see `refresh::Schedule`).
+    waiting: AtomicBool,
+    /// Unix milliseconds of the first failure of the current run of
+    /// failures, 0 while the last attempt succeeded.
+    failing_since_ms: AtomicU64,
     last_error: ArcSwapOption<String>,
     /// Set once a usable token was held: the readiness latch.
     ever_valid: AtomicBool,
@@ -67,6 +75,8 @@ impl Store {
             attempts: watch::Sender::new(0),
             fetching: AtomicBool::new(true),
             backing_off: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
+            failing_since_ms: AtomicU64::new(0),
             last_error: ArcSwapOption::empty(),
             ever_valid: AtomicBool::new(false),
             wake: Notify::new(),
@@ -108,9 +118,14 @@ impl Store {
         if let Some(t) = self.current() {
             return Ok(t);
         }
+        // Only requests that find no usable token get here: tell the task
+        // that someone is waiting, so its retries come sooner.
+        self.waiting.store(true, Ordering::Release);
         if !self.fetching.load(Ordering::Acquire) {
             if self.backing_off.load(Ordering::Acquire) {
-                // The endpoint is failing: answer now, the task keeps trying.
+                // The endpoint is failing: answer now; the wake lets the task
+                // bring its next retry forward (never past a Retry-After).
+                self.wake.notify_one();
                 return Err(self.unavailable());
             }
             self.wake.notify_one();
@@ -178,7 +193,24 @@ impl Store {
     // ---- the refresh task's side ----
 
     pub(super) fn begin_fetch(&self) {
+        self.waiting.store(false, Ordering::Release);
         self.fetching.store(true, Ordering::Release);
+    }
+
+    /// Whether a request found no usable token since the last attempt began.
+    pub(super) fn requests_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) && self.current().is_none()
+    }
+
+    /// Whether an upstream 401 asked for a fetch that has not begun yet.
+    pub(super) fn fetch_requested(&self) -> bool {
+        self.fetching.load(Ordering::Acquire)
+    }
+
+    /// A requested fetch must wait (the server's `Retry-After`): requests
+    /// waiting for it get their answer now instead of at their timeout.
+    pub(super) fn defer_fetch(&self) {
+        self.end_fetch();
     }
 
     pub(super) fn publish(&self, token: Arc<Token>) {
@@ -186,12 +218,19 @@ impl Store {
         self.last_error.store(None);
         self.ever_valid.store(true, Ordering::Release);
         self.backing_off.store(false, Ordering::Release);
+        self.failing_since_ms.store(0, Ordering::Release);
         self.end_fetch();
     }
 
     pub(super) fn fail(&self, error: &FetchError) {
         self.last_error.store(Some(Arc::new(error.to_string())));
         self.backing_off.store(true, Ordering::Release);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis().max(1) as u64);
+        let _ =
+            self.failing_since_ms
+                .compare_exchange(0, now_ms, Ordering::AcqRel, Ordering::Acquire);
         self.end_fetch();
     }
 
@@ -214,6 +253,15 @@ impl Store {
     /// The message of the last failed attempt, if the last attempt failed.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.load().as_deref().cloned()
+    }
+
+    /// When the current run of failed attempts began (wall clock), if the
+    /// last attempt failed.
+    pub fn failing_since(&self) -> Option<std::time::SystemTime> {
+        match self.failing_since_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(std::time::UNIX_EPOCH + Duration::from_millis(ms)),
+        }
     }
 
     /// The current token whether or not usable, for status display.

@@ -1,0 +1,401 @@
+//! A token's whole life in paused time: the refresh loop driven by a
+//! scripted [`Source`], with requests reading the [`Store`] as the proxy
+//! does. Timings here are exact tokio time, not wall-clock time on a busy
+//! machine; each scenario runs under many jitter seeds.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::response::Parsed;
+use super::{FetchError, Policy, Source, Store};
+use crate::config;
+use crate::secret::Secret;
+
+/// What the scripted token endpoint answers at a time since the start.
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    /// A new token with this lifetime.
+    Issue(Duration),
+    /// HTTP 500.
+    Fail,
+    /// HTTP 429 with `Retry-After`.
+    RetryAfter(Duration),
+}
+
+struct Scripted {
+    start: Instant,
+    script: Box<dyn Fn(Duration) -> Answer + Send + Sync>,
+    /// When each attempt came, since the start.
+    attempts: Mutex<Vec<Duration>>,
+}
+
+impl Source for Scripted {
+    async fn fetch(&self) -> Result<Parsed, FetchError> {
+        let t = self.start.elapsed();
+        let n = {
+            let mut a = self.attempts.lock().unwrap();
+            a.push(t);
+            a.len()
+        };
+        match (self.script)(t) {
+            Answer::Issue(lifetime) => Ok(Parsed {
+                access_token: Secret::new(format!("tok-{n}")),
+                lifetime,
+                scope: None,
+            }),
+            Answer::Fail => Err(rejected(500, None)),
+            Answer::RetryAfter(ra) => Err(rejected(429, Some(ra))),
+        }
+    }
+}
+
+fn rejected(status: u16, retry_after: Option<Duration>) -> FetchError {
+    FetchError::Rejected {
+        status,
+        error: None,
+        description: None,
+        retry_after,
+    }
+}
+
+fn tokens() -> config::Tokens {
+    // The defaults of `[tokens]`.
+    config::Tokens {
+        request_timeout: secs(10.0),
+        default_lifetime: secs(300.0),
+        refresh_fraction: 0.75,
+        refresh_margin: secs(60.0),
+        expiry_skew: secs(5.0),
+        retry_initial: secs(0.5),
+        retry_max: secs(30.0),
+        retry_max_without_token: secs(2.0),
+        unauthorized_refresh_interval: secs(5.0),
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+/// One request as the proxy sees it.
+#[derive(Debug)]
+struct Seen {
+    at: Duration,
+    /// The token's expiry, since the start, when one was served.
+    served_until: Option<Duration>,
+}
+
+struct Run {
+    attempts: Vec<Duration>,
+    requests: Vec<Seen>,
+    /// Each failure's state and last error, as `/readyz` shows them.
+    last_errors: Vec<(Duration, bool)>,
+}
+
+/// Runs the refresh loop with `script` for `length`, with a request every
+/// `every` (none if `None`), seeding the loop's jitter with `seed`.
+async fn run(
+    t: config::Tokens,
+    script: impl Fn(Duration) -> Answer + Send + Sync + 'static,
+    every: Option<Duration>,
+    length: Duration,
+    seed: u64,
+) -> Run {
+    fastrand::seed(seed);
+    let start = Instant::now();
+    let source = Arc::new(Scripted {
+        start,
+        script: Box::new(script),
+        attempts: Mutex::new(Vec::new()),
+    });
+    let store = Arc::new(Store::new("p", t.unauthorized_refresh_interval));
+    let metrics = crate::metrics::Metrics::new().tokens.profile("p");
+    let task = tokio::spawn(super::refresh::run(
+        Arc::clone(&store),
+        Arc::clone(&source),
+        Policy::try_new(&t).unwrap(),
+        metrics,
+    ));
+    let mut requests = Vec::new();
+    let mut last_errors = Vec::new();
+    let wait = t.request_timeout + Duration::from_millis(500);
+    match every {
+        Some(every) => {
+            let mut next = start;
+            while next.duration_since(start) < length {
+                tokio::time::sleep_until(next).await;
+                let at = start.elapsed();
+                let served_until = match store.get(wait).await {
+                    Ok(token) => {
+                        // What the proxy would send must not be expired.
+                        assert!(token.usable_at(Instant::now()), "unusable token at {at:?}");
+                        Some(token.expires_at().duration_since(start))
+                    }
+                    Err(_) => None,
+                };
+                requests.push(Seen { at, served_until });
+                last_errors.push((at, store.last_error().is_some()));
+                next += every;
+            }
+        }
+        None => tokio::time::sleep(length).await,
+    }
+    task.abort();
+    let attempts = source.attempts.lock().unwrap().clone();
+    Run {
+        attempts,
+        requests,
+        last_errors,
+    }
+}
+
+fn gaps(v: &[Duration]) -> Vec<Duration> {
+    v.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+/// The issue's scenario: 5 s tokens, an outage from before the first renewal
+/// until 3 s after expiry, a request every 250 ms. Before this change the
+/// pulled-forward retries walked the backoff to 30 s, and requests failed
+/// for ~29 s after the endpoint came back.
+#[tokio::test(start_paused = true)]
+async fn outage_straddling_expiry_recovers_within_the_cap() {
+    let t = tokens();
+    let every = Duration::from_millis(250);
+    let (down, up) = (secs(2.0), secs(8.0)); // the first token expires at 5 s
+    for seed in 0..40 {
+        let r = run(
+            t.clone(),
+            move |at| {
+                if at >= down && at < up {
+                    Answer::Fail
+                } else {
+                    Answer::Issue(secs(5.0))
+                }
+            },
+            Some(every),
+            secs(14.0),
+            seed,
+        )
+        .await;
+        // The held token serves until expiry minus the skew (a tenth of
+        // 5 s), with no failure before.
+        let first_failure = r.requests.iter().find(|s| s.served_until.is_none());
+        let first_failure = first_failure.expect("the outage outlasted the token").at;
+        assert!(
+            first_failure >= secs(4.5),
+            "seed {seed}: failed at {first_failure:?}"
+        );
+        // Back within retry_max_without_token + one request interval.
+        let recovered = r
+            .requests
+            .iter()
+            .find(|s| s.at >= up && s.served_until.is_some())
+            .expect("never recovered")
+            .at;
+        assert!(
+            recovered <= up + t.retry_max_without_token + every,
+            "seed {seed}: first 200 at {recovered:?}, endpoint back at {up:?}; attempts {:?}",
+            r.attempts
+        );
+        // And no failure after that.
+        assert!(
+            r.requests
+                .iter()
+                .filter(|s| s.at >= recovered)
+                .all(|s| s.served_until.is_some()),
+            "seed {seed}"
+        );
+        // No served token was past its expiry (checked per request above);
+        // the status showed the outage while it lasted and cleared after.
+        assert!(r.last_errors.iter().any(|&(at, e)| at < up && e));
+        assert!(r.last_errors.iter().all(|&(at, e)| at < recovered || !e));
+    }
+}
+
+/// Near expiry, no burst: the retries brought forward so that one comes
+/// while the held token is usable are at least `retry_initial` apart
+/// (before this change they came down to 50 ms apart). No request waits for
+/// a token here, so only the ordinary backoff runs.
+#[tokio::test(start_paused = true)]
+async fn retries_brought_forward_before_expiry_are_retry_initial_apart() {
+    let t = tokens();
+    for seed in 0..40 {
+        let r = run(
+            t.clone(),
+            |at| {
+                if at < secs(1.0) {
+                    Answer::Issue(secs(5.0))
+                } else {
+                    Answer::Fail
+                }
+            },
+            None,
+            secs(4.5), // the token is usable until 4.5 s
+            seed,
+        )
+        .await;
+        let failed: Vec<Duration> = r.attempts[1..].to_vec();
+        assert!(failed.len() >= 3, "seed {seed}: {failed:?}");
+        for gap in gaps(&failed) {
+            // Equal jitter keeps any retry at least half of retry_initial
+            // out, and a retry brought forward a whole one.
+            assert!(gap >= t.retry_initial / 2, "seed {seed}: {failed:?}");
+        }
+        let last_second = failed.iter().filter(|&&a| a >= secs(3.5)).count();
+        assert!(last_second <= 2, "seed {seed}: {failed:?}");
+        // One attempt still came while the token was usable, late enough to
+        // matter: in its last second.
+        assert!(last_second >= 1, "seed {seed}: {failed:?}");
+    }
+}
+
+/// A 10-minute outage. With requests waiting: at most one attempt per
+/// `retry_max_without_token`, give or take its 10 % jitter, and never a gap
+/// longer than it. Without requests: the ordinary backoff, up to `retry_max`.
+#[tokio::test(start_paused = true)]
+async fn long_outage_with_and_without_traffic() {
+    let t = tokens();
+    let outage = secs(600.0);
+    let script = |at: Duration| {
+        if at < Duration::from_millis(100) {
+            Answer::Issue(secs(5.0))
+        } else {
+            Answer::Fail
+        }
+    };
+    for seed in 0..3 {
+        let busy = run(
+            t.clone(),
+            script,
+            Some(Duration::from_millis(250)),
+            outage,
+            seed,
+        )
+        .await;
+        // From the moment requests find no usable token (4.5 s).
+        let waiting: Vec<Duration> = busy
+            .attempts
+            .iter()
+            .copied()
+            .filter(|&a| a >= secs(6.0))
+            .collect();
+        let span = waiting.last().unwrap().as_secs_f64() - waiting[0].as_secs_f64();
+        let per_cap = span / t.retry_max_without_token.as_secs_f64();
+        let n = (waiting.len() - 1) as f64;
+        println!(
+            "seed {seed}: {n} retries in {span:.1} s with requests waiting ({per_cap:.1} caps)"
+        );
+        assert!(
+            n <= per_cap / 0.9 + 1.0,
+            "seed {seed}: {n} attempts, {per_cap} caps"
+        );
+        assert!(
+            n >= per_cap - 1.0,
+            "seed {seed}: {n} attempts, {per_cap} caps"
+        );
+        for gap in gaps(&waiting) {
+            assert!(gap <= t.retry_max_without_token, "seed {seed}: {gap:?}");
+            assert!(
+                gap >= t.retry_max_without_token.mul_f64(0.9),
+                "seed {seed}: {gap:?}"
+            );
+        }
+
+        let idle = run(t.clone(), script, None, outage, seed).await;
+        let g = gaps(&idle.attempts[1..]);
+        println!(
+            "seed {seed}: {} attempts in 10 min without traffic, last gaps {:?}",
+            idle.attempts.len(),
+            &g[g.len() - 3..]
+        );
+        assert!(
+            idle.attempts.len() <= 50,
+            "seed {seed}: {}",
+            idle.attempts.len()
+        );
+        assert!(g.iter().all(|&gap| gap <= t.retry_max), "seed {seed}");
+        // Long into the outage, the delay is at retry_max (equal jitter).
+        assert!(
+            g[g.len() - 5..].iter().all(|&gap| gap >= t.retry_max / 2),
+            "seed {seed}: {g:?}"
+        );
+    }
+}
+
+/// A 429 with `Retry-After: 20` while requests wait: the next attempt is at
+/// least 20 s later, and with `retry_max = 10s` at least 10 s.
+#[tokio::test(start_paused = true)]
+async fn retry_after_wins_while_requests_wait() {
+    for (retry_max, floor) in [(30.0, 20.0), (10.0, 10.0)] {
+        let mut t = tokens();
+        t.retry_max = secs(retry_max);
+        for seed in 0..5 {
+            let r = run(
+                t.clone(),
+                |at| {
+                    if at < secs(1.0) {
+                        Answer::Issue(secs(5.0))
+                    } else {
+                        Answer::RetryAfter(secs(20.0))
+                    }
+                },
+                Some(Duration::from_millis(250)),
+                secs(120.0),
+                seed,
+            )
+            .await;
+            let refused = &r.attempts[1..];
+            assert!(refused.len() >= 3, "seed {seed}: {refused:?}");
+            for gap in gaps(refused) {
+                assert!(gap >= secs(floor), "retry_max {retry_max}: {refused:?}");
+                assert!(
+                    gap <= secs(floor.max(2.0) + 0.001),
+                    "retry_max {retry_max}: {refused:?}"
+                );
+            }
+        }
+    }
+}
+
+/// An upstream 401 while a `Retry-After` holds: the refetch waits for it,
+/// and the requests that asked for it get their answer at once instead of at
+/// their timeout.
+#[tokio::test(start_paused = true)]
+async fn invalidation_during_retry_after_waits_for_it() {
+    let t = tokens();
+    let start = Instant::now();
+    let source = Arc::new(Scripted {
+        start,
+        script: Box::new(|at| {
+            if at < secs(1.0) {
+                Answer::Issue(secs(60.0))
+            } else {
+                Answer::RetryAfter(secs(20.0))
+            }
+        }),
+        attempts: Mutex::new(Vec::new()),
+    });
+    let store = Arc::new(Store::new("p", Duration::ZERO));
+    let task = tokio::spawn(super::refresh::run(
+        Arc::clone(&store),
+        Arc::clone(&source),
+        Policy::try_new(&t).unwrap(),
+        crate::metrics::Metrics::new().tokens.profile("p"),
+    ));
+    let token = store.get(secs(1.0)).await.unwrap();
+    // Renewal at 40.5–45 s fails with Retry-After: 20.
+    tokio::time::sleep(secs(46.0)).await;
+    assert_eq!(source.attempts.lock().unwrap().len(), 2);
+    assert!(store.invalidate(&token) == super::store::Invalidated::Refetching);
+    let asked = Instant::now();
+    let answer = store.get(secs(10.5)).await;
+    assert!(answer.is_err());
+    assert!(asked.elapsed() < secs(0.1), "waited {:?}", asked.elapsed());
+    tokio::time::sleep(secs(25.0)).await;
+    let attempts = source.attempts.lock().unwrap().clone();
+    assert!(attempts.len() >= 3, "{attempts:?}");
+    assert!(attempts[2] - attempts[1] >= secs(20.0), "{attempts:?}");
+    task.abort();
+}
