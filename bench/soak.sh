@@ -21,7 +21,10 @@ Environment (defaults in brackets):
   SOAK_DELAY_MS     pause of each connection between requests [5]
   TOKEN_LIFETIME    expires_in of every token, seconds [5]
   BLIP_EVERY        seconds between token-endpoint blips (0: none) [30]
-  BLIP_SECS         length of a blip: /token answers 503 [1.5]
+  BLIP_SECS         length of a blip: /token answers 503 [1.5]; longer than a
+                    token's usable rest (e.g. 4 with 5 s tokens) makes blips
+                    that straddle expiry: then 503s are allowed while the
+                    endpoint is down and for retry_max_without_token (2 s) after
   RELOAD_EVERY      seconds between config reloads (0: none) [60]
   SAMPLE_EVERY      seconds between RSS/fd samples [2]
   RSS_TOLERANCE_PCT allowed growth of the last-minute RSS max over the first [10] (+ 1 MiB)
@@ -162,7 +165,7 @@ print(json.dumps({
     "stamp": "$STAMP", "duration_s": $((SOAK_MINUTES * 60)), "minutes": $SOAK_MINUTES,
     "conns_per_wrk": $SOAK_CONNS, "delay_ms": $SOAK_DELAY_MS, "token_lifetime_s": L,
     "expiry_skew_s": min(5.0, L / 10), "renew_lo_s": 0.9 * at, "renew_hi_s": at,
-    "retry_initial_s": 0.5, "retry_max_s": 30.0,
+    "retry_initial_s": 0.5, "retry_max_s": 30.0, "retry_max_without_token_s": 2.0,
     "blip_every_s": $BLIP_EVERY, "blip_secs": $BLIP_SECS, "reload_every_s": $RELOAD_EVERY,
     "sample_every_s": $SAMPLE_EVERY, "rss_tolerance_pct": $RSS_TOLERANCE_PCT, "fd_tolerance": $FD_TOLERANCE,
     "profile": "soak", "ti_bin": "$TI_BIN",

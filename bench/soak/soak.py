@@ -230,6 +230,15 @@ def verdict(a):
     def endpoint_down(t, slack=0.0):
         return any(f - slack <= t <= u + slack for f, u in downs)
 
+    # After the endpoint returns, requests that find no usable token wake the
+    # renewal; the first retry comes within retry_max_without_token.
+    recovery_cap = cfg.get("retry_max_without_token_s", 2.0)
+
+    def returned_before(t):
+        # The end of the latest blip that ended before t, if any.
+        ends = [u for f, u in downs if u < t]
+        return max(ends) if ends else None
+
     def usable_until(t):
         # Latest moment any token issued before t may be sent (expiry - skew).
         best = 0.0
@@ -256,6 +265,8 @@ def verdict(a):
                 cls = "token valid: proxy should have served"
             elif endpoint_down(t, slack=0.05):
                 cls = "allowed: token endpoint down and token expired"
+            elif returned_before(t) is not None and t - returned_before(t) <= recovery_cap + 0.05:
+                cls = f"allowed: recovering, within {recovery_cap:g} s of the endpoint's return"
             else:
                 cls = "token endpoint up but token expired (renewal backoff)"
             key = (cls, status, why)
@@ -298,6 +309,18 @@ def verdict(a):
         say(f"  episode {hms(s0)}-{hms(s1)} UTC ({s1 - s0:.3f} s, {ep['n']} non-2xx): {last_tok}; "
             f"blip {', '.join(blip) or 'none'}; refused fetches at {', '.join(fails) or '-'}; "
             f"next token issued {hms(nxt[0]) if nxt else '-'}")
+    # Per blip that outlasted the token: how long 503s went on after the
+    # endpoint came back (the recovery the retry_max_without_token cap bounds).
+    recoveries = []
+    for f, u in downs:
+        after = [t for t, cls, _, _ in errs if u < t <= u + 30 and not cls.startswith("token valid")]
+        during = [t for t, _, _, _ in errs if f <= t <= u]
+        if during:
+            recoveries.append(max(after) - u if after else 0.0)
+    if recoveries:
+        say(f"blips that outlasted the token: {len(recoveries)}; 503s after the endpoint's return lasted "
+            f"max {max(recoveries):.2f} s, mean {sum(recoveries) / len(recoveries):.2f} s "
+            f"(allowed {recovery_cap:g} s)")
     logged = sum(classes.values())
     if logged != n_non2xx:
         say(f"  ({n_non2xx - logged} non-2xx not in the error logs; counted as not allowed)")
@@ -376,13 +399,15 @@ def verdict(a):
     # plus one backoff step; count one lost renewal slot per blip.
     exp_ok_lo = int(span / hi_iv) - n_blips - 1
     exp_ok_hi = int(span / lo_iv) + 1
-    # Failed fetches: during a blip, retries come after 0.25-0.5 s, 0.5-1 s, 1-2 s ...
+    # Failed fetches: during a blip, a retry comes at least half of
+    # max(retry_initial, time since the first failure) after the last one
+    # (equal jitter), or 0.9 x retry_max_without_token while requests wait.
     per_blip_max = 0
-    tt, step = 0.0, cfg["retry_initial_s"]
+    tt, ri = 0.0, cfg["retry_initial_s"]
+    cap = 0.9 * cfg.get("retry_max_without_token_s", cfg["retry_max_s"])
     while tt <= blip_secs:
         per_blip_max += 1
-        tt += step / 2
-        step = min(step * 2, cfg["retry_max_s"])
+        tt += max(min(max(ri, tt) / 2, cap), ri / 2)
     exp_err_hi = n_blips * per_blip_max
     ep_ok = sum(1 for t, _, _ in issued if t0 <= t <= t1)
     ep_fail = sum(1 for t in fetch_fail if t0 <= t <= t1)
