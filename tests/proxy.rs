@@ -851,3 +851,81 @@ async fn short_outage_before_expiry_costs_no_request() {
     );
     app.shutdown().await;
 }
+
+/// An outage that outlasts the token in hand: once the endpoint is back,
+/// the requests that find no token bring the retry within
+/// `retry_max_without_token`, however far the backoff had grown (before,
+/// the retries brought forward before expiry walked it to `retry_max`, and
+/// requests failed for ~30 s after the endpoint's return). Issue #14; the
+/// exact timing is tested in paused time in src/token/lifecycle_tests.rs.
+#[tokio::test]
+async fn outage_past_expiry_recovers_within_retry_max_without_token() {
+    let w = World::new(Mode::Issue(3.0)).await;
+    let text = w
+        .config("", "")
+        .replace("retry_initial = \"50ms\"", "retry_initial = \"400ms\"")
+        .replace(
+            "retry_max = \"200ms\"",
+            "retry_max = \"30s\"\nretry_max_without_token = \"1s\"",
+        );
+    assert!(text.contains("\"400ms\""), "the fixture config changed");
+    let app = w.start(&text).await;
+    let client = proxied_client(app.proxy_addr());
+    w.tokens
+        .state
+        .wait_for_requests(1, Duration::from_secs(5))
+        .await;
+    let t0 = Instant::now();
+    // The token (3 s, usable ~2.7 s) renews at 1.35–1.5 s; the endpoint is
+    // down from 1 s to 4.5 s, 1.8 s past the token's usable end.
+    let back = t0 + Duration::from_millis(4500);
+    let outage = {
+        let state = Arc::clone(&w.tokens.state);
+        tokio::spawn(async move {
+            tokio::time::sleep_until((t0 + Duration::from_millis(1000)).into()).await;
+            state.set_mode(Mode::Fail(503));
+            tokio::time::sleep_until(back.into()).await;
+            state.set_mode(Mode::Issue(3.0));
+        })
+    };
+    let every = Duration::from_millis(100);
+    let mut seen = Vec::new();
+    while t0.elapsed() < Duration::from_millis(7500) {
+        let r = client.get("http://api.test/").send().await.unwrap();
+        let kind = r
+            .headers()
+            .get("x-token-injector-error")
+            .map(|v| v.to_str().unwrap().to_owned());
+        seen.push((t0.elapsed(), r.status().as_u16(), kind));
+        tokio::time::sleep(every).await;
+    }
+    outage.await.unwrap();
+    let early: Vec<_> = seen
+        .iter()
+        .filter(|s| s.0 < Duration::from_millis(2500) && s.1 != 200)
+        .collect();
+    assert!(
+        early.is_empty(),
+        "failed while the token was usable: {early:?}"
+    );
+    assert!(
+        seen.iter().any(|s| s.1 == 503
+            && s.2.as_deref() == Some("token_unavailable")
+            && s.0 < Duration::from_millis(4500)),
+        "the outage outlasted the token: {seen:?}"
+    );
+    let recovered = seen
+        .iter()
+        .find(|s| s.0 >= back - t0 && s.1 == 200)
+        .unwrap_or_else(|| panic!("no 200 after the endpoint came back: {seen:?}"))
+        .0;
+    let late = recovered - (back - t0);
+    println!("first 200 {late:?} after the endpoint came back");
+    // 1 s cap + one request interval, and slack for a loaded machine.
+    assert!(late <= Duration::from_millis(1600), "{late:?}: {seen:?}");
+    assert!(
+        seen.iter().filter(|s| s.0 >= recovered).all(|s| s.1 == 200),
+        "{seen:?}"
+    );
+    app.shutdown().await;
+}
