@@ -76,7 +76,11 @@ impl Status {
                 (None, _) if store.ever_valid() => "expired",
                 (None, _) => "pending",
             };
-            let until = token.as_ref().map(|t| t.expires_unix());
+            // A static credential has no expiry to show.
+            let until = token
+                .as_ref()
+                .filter(|t| !t.is_permanent())
+                .map(|t| t.expires_unix());
             let mut p = serde_json::Map::new();
             p.insert("state".into(), state.into());
             p.insert(

@@ -91,10 +91,22 @@ struct ListenerRuntime {
 
 struct ProfileRuntime {
     /// The settings the store was built from: equal settings keep the token.
-    profile: config::Profile,
-    tokens: config::Tokens,
+    settings: ProfileSettings,
     store: Arc<token::Store>,
     task: JoinHandle<()>,
+}
+
+/// What a profile's credential depends on.
+#[derive(Debug, Clone, PartialEq)]
+enum ProfileSettings {
+    Grant(Box<(config::Profile, config::Tokens)>),
+    Static(config::Static),
+}
+
+/// How a (re)started profile gets its credential.
+enum Obtain {
+    Grant(Arc<token::Client>),
+    Static(std::path::PathBuf),
 }
 
 /// What the running proxy is made of; changed only under the mutex, by
@@ -124,8 +136,8 @@ pub struct Running {
 /// Everything a config needs that can fail, built before anything changes.
 struct Prepared {
     policy: token::Policy,
-    /// Profiles to (re)start: name, settings, store, client.
-    start: Vec<(config::Profile, Arc<token::Store>, Arc<token::Client>)>,
+    /// Profiles to (re)start: name, settings, store, and how.
+    start: Vec<(String, ProfileSettings, Arc<token::Store>, Obtain)>,
     stores: BTreeMap<String, Arc<token::Store>>,
     /// Taken by `start` to seed the swap; else swapped in by `commit`.
     proxy: Option<proxy::Proxy>,
@@ -171,31 +183,41 @@ impl State {
         let mut start = Vec::new();
         let mut stores = BTreeMap::new();
         let mut token_http = token::client::HttpClients::new(config.tokens.request_timeout);
-        for profile in config.profiles_in_use() {
-            let kept = self
-                .profiles
-                .get(&profile.name)
-                .filter(|p| p.profile == *profile && p.tokens == config.tokens);
+        let wanted = config
+            .profiles_in_use()
+            .map(|p| ProfileSettings::Grant(Box::new((p.clone(), config.tokens.clone()))))
+            .chain(
+                config
+                    .statics_in_use()
+                    .cloned()
+                    .map(ProfileSettings::Static),
+            );
+        for settings in wanted {
+            let name = match &settings {
+                ProfileSettings::Grant(g) => g.0.name.clone(),
+                ProfileSettings::Static(s) => s.name.clone(),
+            };
+            let kept = self.profiles.get(&name).filter(|p| p.settings == settings);
             let store = match kept {
                 Some(p) => Arc::clone(&p.store),
                 None => {
                     let store = Arc::new(
-                        token::Store::new(
-                            &profile.name,
-                            config.tokens.unauthorized_refresh_interval,
-                        )
-                        .with_coalesced_counter(metrics.tokens.profile(&profile.name).coalesced),
+                        token::Store::new(&name, config.tokens.unauthorized_refresh_interval)
+                            .with_coalesced_counter(metrics.tokens.profile(&name).coalesced),
                     );
-                    let client = Arc::new(token::Client::new(
-                        profile,
-                        &mut token_http,
-                        policy.default_lifetime(),
-                    )?);
-                    start.push((profile.clone(), Arc::clone(&store), client));
+                    let obtain = match &settings {
+                        ProfileSettings::Grant(g) => Obtain::Grant(Arc::new(token::Client::new(
+                            &g.0,
+                            &mut token_http,
+                            policy.default_lifetime(),
+                        )?)),
+                        ProfileSettings::Static(s) => Obtain::Static(s.credential_file.clone()),
+                    };
+                    start.push((name.clone(), settings, Arc::clone(&store), obtain));
                     store
                 }
             };
-            stores.insert(profile.name.clone(), store);
+            stores.insert(name, store);
         }
 
         let mut pools = proxy::upstream::Pools::default();
@@ -236,6 +258,7 @@ impl State {
                     client,
                     metrics.proxy.route(&r.label),
                 )
+                .with_authorize(proxy::authorize::Header::new(r.header.clone(), &r.prefix))
                 .with_upgrade_client(upgrade_client)
                 .with_protocol(r.protocol),
             );
@@ -370,7 +393,7 @@ impl Running {
             .keys()
             .filter(|name| {
                 !prepared.stores.contains_key(*name)
-                    || prepared.start.iter().any(|(p, _, _)| &&p.name == name)
+                    || prepared.start.iter().any(|(n, _, _, _)| n == *name)
             })
             .cloned()
             .collect();
@@ -382,18 +405,25 @@ impl Running {
                 }
             }
         }
-        for (profile, store, client) in prepared.start {
-            let task = tokio::spawn(token::refresh::run(
-                Arc::clone(&store),
-                client,
-                prepared.policy.clone(),
-                self.metrics.tokens.profile(&profile.name),
-            ));
+        for (name, settings, store, obtain) in prepared.start {
+            let metrics = self.metrics.tokens.profile(&name);
+            let task = match obtain {
+                Obtain::Grant(client) => tokio::spawn(token::refresh::run(
+                    Arc::clone(&store),
+                    client,
+                    prepared.policy.clone(),
+                    metrics,
+                )),
+                Obtain::Static(path) => tokio::spawn(token::static_credential::run(
+                    Arc::clone(&store),
+                    path,
+                    metrics,
+                )),
+            };
             state.profiles.insert(
-                profile.name.clone(),
+                name,
                 ProfileRuntime {
-                    profile,
-                    tokens: config.tokens.clone(),
+                    settings,
                     store,
                     task,
                 },

@@ -11,6 +11,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use zeroize::Zeroizing;
 
@@ -107,6 +108,37 @@ fn read_file(path: &Path) -> Result<String, Error> {
     Ok(trim_one_newline(text).to_owned())
 }
 
+/// What identifies a file's current content without reading it: a swapped
+/// symlink (Kubernetes Secret volumes) changes the inode, an edit in place
+/// the modification time or length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl FileStamp {
+    /// `None` when the file cannot be looked at (missing, no permission).
+    pub fn of(path: &Path) -> Option<Self> {
+        let m = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let (dev, ino) = {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        };
+        #[cfg(not(unix))]
+        let (dev, ino) = (0, 0);
+        Some(Self {
+            dev,
+            ino,
+            len: m.len(),
+            modified: m.modified().ok(),
+        })
+    }
+}
+
 /// Removes one trailing `\n` or `\r\n`, nothing more: a secret may end in
 /// spaces on purpose.
 pub fn trim_one_newline(s: &str) -> &str {
@@ -164,6 +196,12 @@ pub fn files(config: &crate::config::Config) -> Vec<(String, PathBuf)> {
             | ClientAuth::SecretJwt { .. }
             | ClientAuth::ClientAssertion(Source::Env(_)) => {}
         }
+    }
+    for (name, s) in &config.statics {
+        out.push((
+            format!("profiles.{name}.credential_file"),
+            s.credential_file.clone(),
+        ));
     }
     for (i, route) in config.routes.iter().enumerate() {
         if let Some(cert) = &route.client_cert {

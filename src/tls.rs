@@ -7,7 +7,6 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use base64::Engine;
 use rustls::SignatureScheme;
@@ -15,6 +14,8 @@ use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
+
+use crate::secret::FileStamp;
 use zeroize::Zeroizing;
 
 #[derive(Debug, thiserror::Error)]
@@ -150,36 +151,6 @@ impl Identity {
 pub fn thumbprint(cert: &CertificateDer<'_>) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
-}
-
-/// What identifies a file's current content without reading it: a swapped
-/// symlink (Kubernetes Secret volumes) changes the inode, an edit in place
-/// the modification time or length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    modified: Option<SystemTime>,
-}
-
-impl FileStamp {
-    fn of(path: &Path) -> Option<Self> {
-        let m = std::fs::metadata(path).ok()?;
-        #[cfg(unix)]
-        let (dev, ino) = {
-            use std::os::unix::fs::MetadataExt;
-            (m.dev(), m.ino())
-        };
-        #[cfg(not(unix))]
-        let (dev, ino) = (0, 0);
-        Some(Self {
-            dev,
-            ino,
-            len: m.len(),
-            modified: m.modified().ok(),
-        })
-    }
 }
 
 type Stamp = (Option<FileStamp>, Option<FileStamp>);

@@ -52,9 +52,23 @@ pub struct Config {
     pub admin: Admin,
     pub tokens: Tokens,
     pub upstream: Upstream,
+    /// Profiles that get tokens from a token endpoint.
     pub profiles: BTreeMap<String, Profile>,
+    /// Profiles with `grant = "static"`: a credential from a file.
+    pub statics: BTreeMap<String, Static>,
     pub routes: Vec<Route>,
 }
+
+/// A profile whose credential is a file's content, attached as is: an API
+/// key or a pre-issued token (`grant = "static"`). Re-read when it changes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Static {
+    pub name: String,
+    pub credential_file: PathBuf,
+}
+
+/// The `grant` values, as `check` lists them.
+pub const GRANTS: [&str; 2] = ["client_credentials", "static"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Proxy {
@@ -224,6 +238,10 @@ pub struct Route {
     /// CONNECT tunnels to this route's host are allowed (when
     /// `proxy.connect_allow` lists them); they carry no token.
     pub allow_connect: bool,
+    /// The header the credential goes in (default `authorization`).
+    pub header: HeaderName,
+    /// What goes before the credential (default `Bearer `).
+    pub prefix: String,
 }
 
 /// A route's client certificate and key files (PEM), checked to load and
@@ -610,9 +628,26 @@ impl Validator<'_> {
         // its own problems does not also fail every route that uses it.
         let declared: Vec<String> = raw.profiles.keys().cloned().collect();
         let mut profiles = BTreeMap::new();
+        let mut statics = BTreeMap::new();
         for (name, p) in raw.profiles {
-            if let Some(profile) = self.profile(&name, p) {
-                profiles.insert(name, profile);
+            match p.grant.as_deref().unwrap_or("client_credentials") {
+                "client_credentials" => {
+                    if p.credential_file.is_some() {
+                        self.problem(
+                            format!("profiles.{name}.credential_file"),
+                            "only used with grant = \"static\"",
+                        );
+                    }
+                    if let Some(profile) = self.profile(&name, p) {
+                        profiles.insert(name, profile);
+                    }
+                }
+                "static" => {
+                    if let Some(s) = self.static_profile(&name, p) {
+                        statics.insert(name, s);
+                    }
+                }
+                other => self.one_of(&format!("profiles.{name}.grant"), other, &GRANTS),
             }
         }
 
@@ -660,7 +695,61 @@ impl Validator<'_> {
             tokens,
             upstream,
             profiles,
+            statics,
             routes,
+        })
+    }
+
+    /// A `grant = "static"` profile: `credential_file`, and none of the
+    /// token endpoint's keys (a set one would be silently ignored).
+    fn static_profile(&mut self, name: &str, p: RawProfile) -> Option<Static> {
+        let key = |k: &str| format!("profiles.{name}.{k}");
+        let unused = [
+            ("token_url", p.token_url.is_some()),
+            ("issuer", p.issuer.is_some()),
+            ("client_id", p.client_id.is_some()),
+            ("client_secret_file", p.client_secret_file.is_some()),
+            ("client_secret_env", p.client_secret_env.is_some()),
+            ("auth_method", p.auth_method.is_some()),
+            ("private_key_file", p.private_key_file.is_some()),
+            ("key_id", p.key_id.is_some()),
+            ("signing_alg", p.signing_alg.is_some()),
+            ("assertion_audience", p.assertion_audience.is_some()),
+            ("client_assertion_file", p.client_assertion_file.is_some()),
+            ("client_cert_file", p.client_cert_file.is_some()),
+            ("client_key_file", p.client_key_file.is_some()),
+            ("scopes", p.scopes.is_some()),
+            ("audience", p.audience.is_some()),
+            ("resources", p.resources.is_some()),
+            ("ca_file", p.ca_file.is_some()),
+            ("extra_params", p.extra_params.is_some()),
+            ("token_headers", p.token_headers.is_some()),
+            ("basic_encoding", p.basic_encoding.is_some()),
+        ];
+        for (k, set) in unused {
+            if set {
+                self.problem(
+                    key(k),
+                    "not used by grant \"static\" (there is no token endpoint)",
+                );
+            }
+        }
+        let Some(file) = p.credential_file.as_deref() else {
+            self.problem(
+                key("credential_file"),
+                "missing; grant = \"static\" needs it",
+            );
+            return None;
+        };
+        let credential_file = self.path(file);
+        // Read now, so `check` says what is wrong with the file.
+        if let Err(e) = secret::Source::File(credential_file.clone()).read() {
+            self.problem(key("credential_file"), e.to_string());
+            return None;
+        }
+        Some(Static {
+            name: name.to_owned(),
+            credential_file,
         })
     }
 
@@ -1129,6 +1218,14 @@ impl Validator<'_> {
             r.client_key_file.as_deref(),
         );
         let ca_file = self.ca_file(&key("ca_file"), r.ca_file.as_deref());
+        let header = self.credential_header(&key("header"), r.header.as_deref());
+        let prefix = r.prefix.unwrap_or_else(|| "Bearer ".to_owned());
+        if prefix.starts_with([' ', '\t']) || !prefix.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            self.problem(
+                key("prefix"),
+                "must be printable ASCII and must not start with a space",
+            );
+        }
         let host = host?;
         Some(Route {
             label: r.host.unwrap_or_default(),
@@ -1140,7 +1237,39 @@ impl Validator<'_> {
             client_cert: client_cert.ok()?,
             protocol,
             allow_connect: r.allow_connect.unwrap_or(false),
+            header: header?,
+            prefix,
         })
+    }
+
+    /// A route's `header`: a valid name that is not part of the message's
+    /// framing or routing, which the proxy sets itself.
+    fn credential_header(&mut self, key: &str, name: Option<&str>) -> Option<HeaderName> {
+        let Some(name) = name else {
+            return Some(http::header::AUTHORIZATION);
+        };
+        let Ok(parsed) = HeaderName::try_from(name.to_ascii_lowercase()) else {
+            self.problem(key, format!("{name:?} is not a valid header name"));
+            return None;
+        };
+        const RESERVED: [&str; 11] = [
+            "host",
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "keep-alive",
+            "upgrade",
+            "te",
+            "trailer",
+            "proxy-authorization",
+            "proxy-connection",
+            "content-type",
+        ];
+        if RESERVED.contains(&parsed.as_str()) {
+            self.problem(key, format!("{name:?} cannot carry a credential"));
+            return None;
+        }
+        Some(parsed)
     }
 
     /// A route's `client_cert_file` and `client_key_file`: both or
@@ -1292,6 +1421,13 @@ impl Config {
     /// Names of profiles that at least one route uses: only these fetch tokens.
     pub fn profiles_in_use(&self) -> impl Iterator<Item = &Profile> {
         self.profiles
+            .values()
+            .filter(|p| self.routes.iter().any(|r| r.profile == p.name))
+    }
+
+    /// Static-credential profiles that at least one route uses.
+    pub fn statics_in_use(&self) -> impl Iterator<Item = &Static> {
+        self.statics
             .values()
             .filter(|p| self.routes.iter().any(|r| r.profile == p.name))
     }

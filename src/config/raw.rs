@@ -75,6 +75,8 @@ pub struct RawUpstream {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProfile {
+    pub grant: Option<String>,
+    pub credential_file: Option<String>,
     pub token_url: Option<String>,
     pub issuer: Option<String>,
     pub client_id: Option<String>,
@@ -109,4 +111,6 @@ pub struct RawRoute {
     pub client_key_file: Option<String>,
     pub upstream_protocol: Option<String>,
     pub allow_connect: Option<bool>,
+    pub header: Option<String>,
+    pub prefix: Option<String>,
 }

@@ -112,8 +112,15 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), Error> {
 /// sent. The value is already marked sensitive.
 #[inline]
 pub fn inject(headers: &mut HeaderMap, value: &HeaderValue) {
+    inject_as(headers, &header::AUTHORIZATION, value.clone());
+}
+
+/// Sets header `name` (a route's `header`) to a credential, replacing every
+/// value the app sent. The value is already marked sensitive.
+#[inline]
+pub fn inject_as(headers: &mut HeaderMap, name: &HeaderName, value: HeaderValue) {
     debug_assert!(value.is_sensitive());
-    headers.insert(header::AUTHORIZATION, value.clone());
+    headers.insert(name, value);
 }
 
 #[cfg(test)]

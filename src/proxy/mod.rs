@@ -6,6 +6,7 @@
 //! on the network except the upstream itself, or the one shared token fetch
 //! when a profile has no usable token at all.
 
+pub mod authorize;
 pub mod error;
 pub mod headers;
 pub mod tunnel;
@@ -25,6 +26,8 @@ use crate::config::{Unmatched, UpstreamTarget};
 use crate::metrics::RouteMetrics;
 use crate::route;
 use crate::token::{self, store::Invalidated};
+
+use authorize::Authorize;
 pub use error::{ERROR_HEADER, Error, Kind};
 use upstream::HttpsClient;
 
@@ -53,6 +56,8 @@ pub struct Route {
     pub label: String,
     target: Target,
     store: Arc<token::Store>,
+    /// Attaches the store's credential to each request sent.
+    authorize: Box<dyn Authorize>,
     client: HttpsClient,
     /// HTTP/1.1 only, for upgrades (there is no `Upgrade` in HTTP/2).
     upgrade_client: HttpsClient,
@@ -97,11 +102,18 @@ impl Route {
             label,
             target,
             store,
+            authorize: Box::new(authorize::Header::bearer()),
             upgrade_client: client.clone(),
             client,
             own_host: true,
             metrics,
         }
+    }
+
+    /// How the credential is attached (default: `Authorization: Bearer`).
+    pub fn with_authorize(mut self, authorize: impl Authorize) -> Self {
+        self.authorize = Box::new(authorize);
+        self
     }
 
     /// The protocol `client` was built for: who sets `Host`.
@@ -325,7 +337,9 @@ impl Proxy {
         } else {
             parts.headers.remove(header::HOST);
         }
-        headers::inject(&mut parts.headers, token.header());
+        route
+            .authorize
+            .authorize(&token, &parts.method, &uri, &mut parts.headers);
         let client = match upgrade {
             Some(u) => {
                 u.restore(&mut parts.headers);
@@ -357,7 +371,7 @@ impl Proxy {
                 &uri,
                 &parts.headers,
                 &bytes,
-                Some(&route.metrics),
+                Some((&route.metrics, &*route.authorize, &token)),
             )
             .await?;
         if response.status() != StatusCode::UNAUTHORIZED {
@@ -373,7 +387,9 @@ impl Proxy {
             Err(_) => return Ok(response),
         };
         tracing::debug!(route = %route.label, "upstream answered 401; retrying with a fresh token");
-        headers::inject(&mut parts.headers, fresh.header());
+        route
+            .authorize
+            .authorize(&fresh, &parts.method, &uri, &mut parts.headers);
         drop(response);
         route.metrics.unauthorized_retry();
         self.send_replayable(
@@ -382,7 +398,7 @@ impl Proxy {
             &uri,
             &parts.headers,
             &bytes,
-            Some(&route.metrics),
+            Some((&route.metrics, &*route.authorize, &fresh)),
         )
         .await
     }
@@ -393,6 +409,8 @@ impl Proxy {
     /// a server that closes after each response without `Connection: close`).
     /// hyper-util retries only requests not yet written to such a connection;
     /// this covers the ones that were. Both attempts share one deadline.
+    /// `route` (its metrics, and how to attach the credential again to the
+    /// re-sent request) is `None` for passthrough requests.
     async fn send_replayable(
         &self,
         client: &HttpsClient,
@@ -400,8 +418,9 @@ impl Proxy {
         uri: &Uri,
         headers: &http::HeaderMap,
         body: &Bytes,
-        metrics: Option<&RouteMetrics>,
+        route: Option<(&RouteMetrics, &dyn Authorize, &token::Token)>,
     ) -> Result<Response<Incoming>, Error> {
+        let metrics = route.map(|(m, _, _)| m);
         let request = || {
             outgoing(
                 method.clone(),
@@ -417,7 +436,12 @@ impl Proxy {
                     upstream = uri.authority().map(|a| a.as_str()).unwrap_or("upstream"),
                     "upstream closed the connection before answering; retrying once"
                 );
-                self.attempt(client, request(), deadline)
+                let mut again = request();
+                if let Some((_, authorize, token)) = route {
+                    // Each request sent gets its credential attached anew.
+                    authorize.authorize(token, method, uri, again.headers_mut());
+                }
+                self.attempt(client, again, deadline)
                     .await
                     .map_err(|f| self.failure(f, uri, metrics))
             }

@@ -11,6 +11,7 @@ pub mod client;
 pub mod refresh;
 pub mod response;
 pub mod source;
+pub mod static_credential;
 pub mod store;
 
 #[cfg(test)]
@@ -32,14 +33,34 @@ pub use response::FetchError;
 pub use source::Source;
 pub use store::{Store, Unavailable};
 
-/// A usable access token with its prebuilt `Authorization` header value.
-/// Debug shows times only, never the token.
+/// A usable credential (an access token, or a static one) with its header
+/// values prebuilt once, so attaching it costs a reference-count increment.
+/// Debug shows times only, never the value.
 pub struct Token {
+    /// `Bearer <value>`, the common case.
     header: HeaderValue,
+    /// `<value>` alone, sharing `header`'s bytes.
+    value: HeaderValue,
     expires_at: Instant,
     usable_until: Instant,
     refresh_at: Instant,
     expires_unix: SystemTime,
+    /// A static credential: it never expires.
+    permanent: bool,
+}
+
+/// Builds `Bearer <value>` and `<value>`, both marked sensitive (hpack never
+/// indexes them and Debug prints "Sensitive"), sharing one allocation.
+fn header_values(value: &str) -> Option<(HeaderValue, HeaderValue)> {
+    let mut bytes = Vec::with_capacity(7 + value.len());
+    bytes.extend_from_slice(b"Bearer ");
+    bytes.extend_from_slice(value.as_bytes());
+    let bytes = Bytes::from(bytes);
+    let mut header = HeaderValue::from_maybe_shared(bytes.clone()).ok()?;
+    let mut value = HeaderValue::from_maybe_shared(bytes.slice(7..)).ok()?;
+    header.set_sensitive(true);
+    value.set_sensitive(true);
+    Some((header, value))
 }
 
 impl Token {
@@ -52,22 +73,37 @@ impl Token {
         policy: &Policy,
         jitter: f64,
     ) -> Result<Self, FetchError> {
-        let mut value = Vec::with_capacity(7 + access_token.expose().len());
-        value.extend_from_slice(b"Bearer ");
-        value.extend_from_slice(access_token.expose().as_bytes());
-        let mut header = HeaderValue::from_maybe_shared(Bytes::from(value)).map_err(|_| {
+        let (header, value) = header_values(access_token.expose()).ok_or_else(|| {
             FetchError::InvalidResponse("access_token is not a valid header value".into())
         })?;
-        // Sensitive: hpack never indexes it and Debug prints "Sensitive".
-        header.set_sensitive(true);
         let now_wall = SystemTime::now();
         let elapsed = sent.elapsed();
         Ok(Self {
             header,
+            value,
+            permanent: false,
             expires_at: sent + lifetime,
             usable_until: sent + lifetime.saturating_sub(policy.skew(lifetime)),
             refresh_at: sent + policy.refresh_in(lifetime, jitter),
             expires_unix: now_wall - elapsed + lifetime,
+        })
+    }
+
+    /// A credential attached as it is and never renewed (`grant = "static"`).
+    /// `None` if it cannot be a header value.
+    pub fn permanent(credential: &crate::secret::Secret) -> Option<Self> {
+        let (header, value) = header_values(credential.expose())?;
+        // Far enough to never matter, near enough to never overflow.
+        let forever = Duration::from_secs(100 * 365 * 24 * 3600);
+        let now = Instant::now();
+        Some(Self {
+            header,
+            value,
+            expires_at: now + forever,
+            usable_until: now + forever,
+            refresh_at: now + forever,
+            expires_unix: SystemTime::now() + forever,
+            permanent: true,
         })
     }
 
@@ -87,6 +123,17 @@ impl Token {
     #[inline]
     pub fn header(&self) -> &HeaderValue {
         &self.header
+    }
+
+    /// The credential alone, without a prefix, marked sensitive.
+    #[inline]
+    pub fn value(&self) -> &HeaderValue {
+        &self.value
+    }
+
+    /// Whether this is a static credential that never expires.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
     }
 
     /// Whether the token may still be sent: not past expiry minus the skew.
@@ -142,7 +189,10 @@ mod tests {
         )
         .unwrap();
         assert!(t.header().is_sensitive());
+        assert!(t.value().is_sensitive());
         assert_eq!(t.header().as_bytes(), b"Bearer abc.def");
+        assert_eq!(t.value().as_bytes(), b"abc.def");
+        assert!(!format!("{:?}", t.value()).contains("abc.def"));
         assert!(!format!("{t:?}").contains("abc.def"));
         assert!(!format!("{:?}", t.header()).contains("abc.def"));
     }
