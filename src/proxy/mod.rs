@@ -7,6 +7,7 @@
 //! when a profile has no usable token at all.
 
 pub mod authorize;
+pub mod build;
 pub mod error;
 pub mod headers;
 pub mod tunnel;

@@ -8,6 +8,8 @@
 
 pub mod assertion;
 pub mod client;
+pub mod observe;
+pub mod profiles;
 pub mod refresh;
 pub mod response;
 pub mod source;
@@ -28,6 +30,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 
 pub use client::Client;
+pub use observe::Observe;
 pub use refresh::Policy;
 pub use response::FetchError;
 pub use source::Source;

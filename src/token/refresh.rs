@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::config;
 
-use super::{Source, Store, Token};
+use super::{Observe, Source, Store, Token};
 
 /// Renewals are never scheduled closer together than this, so a server that
 /// returns an almost-expired token cannot make the task spin.
@@ -183,11 +183,11 @@ impl Schedule {
 }
 
 /// Runs the refresh loop for one profile until the task is aborted.
-pub async fn run<S: Source>(
+pub async fn run<S: Source, O: Observe>(
     store: Arc<Store>,
     source: Arc<S>,
     policy: Policy,
-    metrics: crate::metrics::ProfileMetrics,
+    observe: O,
 ) {
     let mut failures: u32 = 0;
     // When the first failed attempt of the current run ended.
@@ -237,12 +237,7 @@ pub async fn run<S: Source>(
                     result = "success",
                     "token fetched"
                 );
-                let expires_unix = token
-                    .expires_unix()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0);
-                metrics.fetched(elapsed.as_secs_f64(), expires_unix);
+                observe.fetched(elapsed, &token);
                 store.publish(Arc::new(token));
                 until_renewal(&store, next).await;
             }
@@ -271,7 +266,7 @@ pub async fn run<S: Source>(
                     error = %error,
                     "token fetch failed"
                 );
-                metrics.failed(elapsed.as_secs_f64(), error.reason(), failures);
+                observe.failed(elapsed, &error, failures);
                 store.fail(&error);
                 until_retry(&store, &schedule).await;
             }

@@ -7,8 +7,10 @@
 //! OAuth profiles. It then looks at the file's metadata every
 //! [`POLL`] (one `stat`, no read) and reads it again when it changed: a
 //! Kubernetes Secret swapping its symlink, or an edit in place. A file that
-//! cannot be read, or is empty, keeps the last good credential in use and
-//! shows as the profile's last error.
+//! cannot be read, or is empty, keeps the last good credential in use,
+//! shows as the profile's last error, and is tried again at every poll, so
+//! `token_injector_token_fetch_consecutive_failures` climbs and its alert
+//! fires while it stays broken.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,21 +18,26 @@ use std::time::Duration;
 
 use crate::secret::{self, FileStamp};
 
-use super::{FetchError, Store, Token};
+use super::{FetchError, Observe, Store, Token};
 
 /// How often the file's metadata is looked at.
 pub const POLL: Duration = Duration::from_secs(1);
 
 /// Keeps `store` holding the content of `file` until the task is aborted.
-pub async fn run(store: Arc<Store>, file: PathBuf, metrics: crate::metrics::ProfileMetrics) {
+pub async fn run(store: Arc<Store>, file: PathBuf, observe: impl Observe) {
     let source = secret::Source::File(file.clone());
     let mut loaded: Option<Option<FileStamp>> = None;
+    // Failed reads in a row, for the failure gauge and its alert.
+    let mut failures: u32 = 0;
     loop {
         let stamp = FileStamp::of(&file);
         // An upstream 401 drops the credential from the store: put it back
         // (after a fresh read), since there is nothing else to fetch.
         let dropped = store.current().is_none();
-        if loaded != Some(stamp) || dropped {
+        // While reads fail, every poll tries again (the file may become
+        // readable without its metadata changing, e.g. a permission fix).
+        let changed = loaded != Some(stamp);
+        if changed || dropped || failures > 0 {
             store.begin_fetch();
             let read = source
                 .read()
@@ -50,19 +57,24 @@ pub async fn run(store: Arc<Store>, file: PathBuf, metrics: crate::metrics::Prof
                     if changed {
                         tracing::info!(profile = %store.profile(), file = %file.display(), "static credential loaded");
                     }
-                    metrics.fetched(0.0, 0.0);
+                    failures = 0;
+                    observe.fetched(Duration::ZERO, &token);
                     store.publish(Arc::new(token));
                     loaded = Some(stamp);
                 }
                 Err(error) => {
-                    // Logged once per change of the file, not every poll.
-                    tracing::warn!(
-                        profile = %store.profile(),
-                        reason = error.reason(),
-                        error = %error,
-                        "static credential not read; the last one read stays in use"
-                    );
-                    metrics.failed(0.0, error.reason(), 1);
+                    // Logged when the failure begins or the file changes,
+                    // not at every poll.
+                    if failures == 0 || changed {
+                        tracing::warn!(
+                            profile = %store.profile(),
+                            reason = error.reason(),
+                            error = %error,
+                            "static credential not read; the last one read stays in use"
+                        );
+                    }
+                    failures = failures.saturating_add(1);
+                    observe.failed(Duration::ZERO, &error, failures);
                     // The store keeps the credential it holds, if any.
                     store.fail(&error);
                     loaded = Some(stamp);

@@ -1,0 +1,179 @@
+//! The token side of a config: one [`Store`] and one background task per
+//! profile in use. Built beside what runs ([`Profiles::prepare`], which can
+//! fail and changes nothing), then swapped in ([`Profiles::commit`]).
+//! Profiles whose settings did not change keep their store, so a reload
+//! keeps their tokens.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+
+use crate::config::{self, Config};
+use crate::metrics::TokenMetrics;
+
+use super::{Client, Policy, Store, client};
+
+/// Why a config's token side could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Client(#[from] client::BuildError),
+    #[error("tokens: {0}")]
+    Policy(String),
+}
+
+/// What a profile's credential depends on: equal settings keep the store.
+#[derive(Debug, Clone, PartialEq)]
+enum Settings {
+    Grant(Box<(config::Profile, config::Tokens)>),
+    Static(config::Static),
+}
+
+/// How a (re)started profile gets its credential.
+enum Obtain {
+    Grant(Arc<Client>),
+    Static(PathBuf),
+}
+
+struct Running {
+    settings: Settings,
+    store: Arc<Store>,
+    task: JoinHandle<()>,
+}
+
+/// The token side of a config, built and not yet running.
+pub struct Prepared {
+    policy: Policy,
+    /// Profiles to (re)start.
+    start: Vec<(String, Settings, Arc<Store>, Obtain)>,
+    /// The store of every profile in use, kept or new, for the routes.
+    stores: BTreeMap<String, Arc<Store>>,
+}
+
+impl Prepared {
+    pub fn stores(&self) -> &BTreeMap<String, Arc<Store>> {
+        &self.stores
+    }
+}
+
+/// The profiles running now.
+#[derive(Default)]
+pub struct Profiles {
+    running: HashMap<String, Running>,
+}
+
+impl Profiles {
+    /// Builds the token side of `config` beside what runs, reusing the
+    /// stores of unchanged profiles.
+    pub fn prepare(&self, config: &Config, metrics: &TokenMetrics) -> Result<Prepared, Error> {
+        let policy = Policy::try_new(&config.tokens).map_err(Error::Policy)?;
+        let mut start = Vec::new();
+        let mut stores = BTreeMap::new();
+        let mut http = client::HttpClients::new(config.tokens.request_timeout);
+        let wanted = config
+            .profiles_in_use()
+            .map(|p| Settings::Grant(Box::new((p.clone(), config.tokens.clone()))))
+            .chain(config.statics_in_use().cloned().map(Settings::Static));
+        for settings in wanted {
+            let name = match &settings {
+                Settings::Grant(g) => g.0.name.clone(),
+                Settings::Static(s) => s.name.clone(),
+            };
+            let kept = self.running.get(&name).filter(|p| p.settings == settings);
+            let store = match kept {
+                Some(p) => Arc::clone(&p.store),
+                None => {
+                    let store = Arc::new(
+                        Store::new(&name, config.tokens.unauthorized_refresh_interval)
+                            .with_coalesced_counter(metrics.profile(&name).coalesced),
+                    );
+                    let obtain = match &settings {
+                        Settings::Grant(g) => Obtain::Grant(Arc::new(Client::new(
+                            &g.0,
+                            &mut http,
+                            policy.default_lifetime(),
+                        )?)),
+                        Settings::Static(s) => Obtain::Static(s.credential_file.clone()),
+                    };
+                    start.push((name.clone(), settings, Arc::clone(&store), obtain));
+                    store
+                }
+            };
+            stores.insert(name, store);
+        }
+        Ok(Prepared {
+            policy,
+            start,
+            stores,
+        })
+    }
+
+    /// Stops the tasks of profiles no longer in use or rebuilt, and starts
+    /// the new ones. Returns the stores of the profiles now in use.
+    pub fn commit(&mut self, prepared: Prepared, metrics: &TokenMetrics) -> Vec<Arc<Store>> {
+        let removed: Vec<String> = self
+            .running
+            .keys()
+            .filter(|name| {
+                !prepared.stores.contains_key(*name)
+                    || prepared.start.iter().any(|(n, _, _, _)| n == *name)
+            })
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(p) = self.running.remove(&name) {
+                p.task.abort();
+                if !prepared.stores.contains_key(&name) {
+                    metrics.forget(&name);
+                }
+            }
+        }
+        for (name, settings, store, obtain) in prepared.start {
+            let profile_metrics = metrics.profile(&name);
+            let task = match obtain {
+                Obtain::Grant(client) => tokio::spawn(super::refresh::run(
+                    Arc::clone(&store),
+                    client,
+                    prepared.policy.clone(),
+                    profile_metrics,
+                )),
+                Obtain::Static(path) => tokio::spawn(super::static_credential::run(
+                    Arc::clone(&store),
+                    path,
+                    profile_metrics,
+                )),
+            };
+            self.running.insert(
+                name,
+                Running {
+                    settings,
+                    store,
+                    task,
+                },
+            );
+        }
+        prepared.stores.into_values().collect()
+    }
+
+    /// The store of a profile in use.
+    pub fn store(&self, profile: &str) -> Option<Arc<Store>> {
+        self.running.get(profile).map(|p| Arc::clone(&p.store))
+    }
+
+    /// Stops every profile's task.
+    pub fn abort_all(&mut self) {
+        for (_, p) in self.running.drain() {
+            p.task.abort();
+        }
+    }
+}
+
+impl Drop for Profiles {
+    fn drop(&mut self) {
+        for p in self.running.values() {
+            p.task.abort();
+        }
+    }
+}
