@@ -22,6 +22,8 @@ enum Answer {
     Fail,
     /// HTTP 429 with `Retry-After`.
     RetryAfter(Duration),
+    /// The same token every time, said to live this long from now.
+    Same(Duration),
 }
 
 struct Scripted {
@@ -42,6 +44,11 @@ impl Source for Scripted {
         match (self.script)(t) {
             Answer::Issue(lifetime) => Ok(Parsed {
                 access_token: Secret::new(format!("tok-{n}")),
+                lifetime,
+                scope: None,
+            }),
+            Answer::Same(lifetime) => Ok(Parsed {
+                access_token: Secret::new("tok-same".into()),
                 lifetime,
                 scope: None,
             }),
@@ -398,4 +405,69 @@ async fn invalidation_during_retry_after_waits_for_it() {
     assert!(attempts.len() >= 3, "{attempts:?}");
     assert!(attempts[2] - attempts[1] >= secs(20.0), "{attempts:?}");
     task.abort();
+}
+
+/// Renewal at the policy's time: 5 s tokens renew every 2.25–2.5 s (half
+/// the lifetime, up to 10 % earlier), and no request ever waits or fails.
+/// (End to end with a TLS token server: tests/proxy.rs.)
+#[tokio::test(start_paused = true)]
+async fn short_tokens_renew_at_half_their_life_and_no_request_fails() {
+    for seed in 0..10 {
+        let r = run(
+            tokens(),
+            |_| Answer::Issue(secs(5.0)),
+            Some(Duration::from_millis(100)),
+            secs(30.0),
+            seed,
+        )
+        .await;
+        assert!(
+            r.requests.iter().all(|s| s.served_until.is_some()),
+            "seed {seed}"
+        );
+        for gap in gaps(&r.attempts) {
+            assert!(
+                gap >= secs(2.25) && gap <= secs(2.5),
+                "seed {seed}: {gap:?}"
+            );
+        }
+        assert!(r.attempts.len() >= 12, "seed {seed}: {:?}", r.attempts);
+    }
+}
+
+/// A server that answers every renewal with the token it already gave and
+/// a fresh `expires_in`: the token is never sent past its first expiry
+/// (minus the skew), and the task renews at half the time left instead of
+/// trusting the new lifetime.
+#[tokio::test(start_paused = true)]
+async fn a_reissued_token_keeps_its_first_expiry() {
+    let r = run(
+        tokens(),
+        |_| Answer::Same(secs(5.0)),
+        Some(Duration::from_millis(50)),
+        secs(8.0),
+        7,
+    )
+    .await;
+    // First issued at 0: expires at 5 s, usable until 4.5 s.
+    for s in &r.requests {
+        if let Some(until) = s.served_until {
+            assert!(
+                until <= secs(5.0),
+                "served with expiry {until:?} at {:?}",
+                s.at
+            );
+            assert!(s.at < secs(4.5), "served at {:?}", s.at);
+        }
+    }
+    assert!(
+        r.requests
+            .iter()
+            .any(|s| s.at >= secs(4.5) && s.served_until.is_none())
+    );
+    // Renewals came sooner than the fresh 5 s lifetime would say (2.25 s
+    // after each), at half the time left.
+    let g = gaps(&r.attempts);
+    assert!(g.len() >= 3, "{:?}", r.attempts);
+    assert!(g[1] < secs(2.25), "{:?}", r.attempts);
 }
