@@ -14,6 +14,7 @@
 //! - [`reload`]: config file watching and SIGHUP;
 //! - [`tls`]: trust roots and rustls client settings;
 //! - [`head`]: the request-head checks before hyper parses;
+//! - [`errors`]: an error and its causes on one line;
 //! - [`app`]: assembles all of it from a config ([`start`] → [`Running`]),
 //!   and swaps in a new config on reload ([`Running::apply`]);
 //! - [`demo`]: `token-injector demo`, a self-contained local demo.
@@ -22,6 +23,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod demo;
+pub mod errors;
 pub mod head;
 pub mod metrics;
 pub mod proxy;

@@ -24,6 +24,7 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body as _, Incoming};
 
 use crate::config::{Unmatched, UpstreamTarget};
+use crate::errors;
 use crate::metrics::RouteMetrics;
 use crate::route;
 use crate::token::{self, store::Invalidated};
@@ -588,28 +589,20 @@ fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {
     if e.is_connect() {
         return false;
     }
-    let mut source = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(h) = err.downcast_ref::<hyper::Error>()
-            && h.is_incomplete_message()
-        {
-            return true;
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-                    // rustls: closed without close_notify, as many servers do.
-                    | std::io::ErrorKind::UnexpectedEof
-            )
-        {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    errors::causes(e).any(|err| {
+        err.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+            || err.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::BrokenPipe
+                        // rustls: closed without close_notify, as many servers do.
+                        | std::io::ErrorKind::UnexpectedEof
+                )
+            })
+    })
 }
 
 /// The target host and port of a request on the forward listener: the
@@ -757,8 +750,8 @@ fn finish(response: Response<Incoming>) -> Response<Body> {
 }
 
 fn upstream_error(upstream: &str, e: &hyper_util::client::legacy::Error) -> Error {
-    let chain = token::client::error_chain(e);
-    let head_too_large = std::iter::successors(std::error::Error::source(e), |e| e.source())
+    let chain = errors::chain(e);
+    let head_too_large = errors::causes(e)
         .filter_map(|e| e.downcast_ref::<hyper::Error>())
         .any(hyper::Error::is_parse_too_large);
     if head_too_large {

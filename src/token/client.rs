@@ -12,6 +12,7 @@ use http::{HeaderMap, HeaderValue};
 use zeroize::Zeroizing;
 
 use crate::config::{BasicEncoding, ClientAuth, Endpoint, Profile};
+use crate::errors;
 
 use super::assertion::{self, Signer, SigningKey};
 
@@ -176,7 +177,7 @@ impl Client {
             crate::tls::client_config_with(self.ca_file.as_deref(), &[b"http/1.1"], Some(identity))
                 .map_err(|e| FetchError::Secret(format!("client certificate: {e}")))?;
         http_client(tls, self.timeout)
-            .map_err(|e| FetchError::Connect(error_chain(&e.without_url())))
+            .map_err(|e| FetchError::Connect(errors::chain(&e.without_url())))
     }
 
     /// The token endpoint: configured, or discovered from the issuer.
@@ -287,7 +288,7 @@ impl Client {
                     FetchError::InvalidResponse(format!("body larger than {MAX_BODY} bytes"))
                 }
                 ReadError::Transport(e) if e.is_timeout() => FetchError::Timeout(self.timeout),
-                ReadError::Transport(e) => FetchError::Interrupted(error_chain(&e.without_url())),
+                ReadError::Transport(e) => FetchError::Interrupted(errors::chain(&e.without_url())),
             })?;
         let now_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -302,7 +303,7 @@ impl Client {
         if e.is_timeout() {
             FetchError::Timeout(self.timeout)
         } else {
-            FetchError::Connect(error_chain(&e.without_url()))
+            FetchError::Connect(errors::chain(&e.without_url()))
         }
     }
 }
@@ -392,7 +393,11 @@ async fn discover(http: &reqwest::Client, issuer: &url::Url) -> Result<url::Url,
         {
             Ok(r) => r,
             Err(e) => {
-                tried.push(format!("{}: {}", url.path(), error_chain(&e.without_url())));
+                tried.push(format!(
+                    "{}: {}",
+                    url.path(),
+                    errors::chain(&e.without_url())
+                ));
                 continue;
             }
         };
@@ -473,21 +478,6 @@ async fn read_bounded(mut response: reqwest::Response, max: usize) -> Result<Vec
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-/// An error and its sources on one line: "a: b: c".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]
