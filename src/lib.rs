@@ -8,6 +8,7 @@
 //! Background work never sits on it:
 //! - [`config`]: TOML + environment → validated, typed [`config::Config`];
 //! - [`secret`]: secret values that never print, and where they come from;
+//! - [`keys`]: PEM private keys and the JWS algorithms that fit them;
 //! - [`token`]: per-profile credential sources, stores and renewal tasks;
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` on their own listener;
 //! - [`metrics`]: the registry and its per-subsystem metrics;
@@ -25,6 +26,7 @@ pub mod config;
 pub mod demo;
 pub mod errors;
 pub mod head;
+pub mod keys;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

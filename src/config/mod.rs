@@ -17,9 +17,9 @@ use figment::value::{Dict, Map};
 use http::uri::Authority;
 use http::{HeaderName, HeaderValue};
 
+use crate::keys::{Alg, SigningKey};
 use crate::route::Pattern;
 use crate::secret;
-use crate::token::assertion::{Alg, SigningKey};
 use raw::{Raw, RawProfile, RawRoute};
 
 /// Environment variables with this prefix override config keys; `__`
