@@ -5,9 +5,9 @@
 //! read again at every token request so a rotated file is picked up without
 //! a restart.
 //!
-//! [`warn_exposed_files`] looks at the permissions of every secret and key
-//! file a config names and warns, by key, path and mode, about those that
-//! group or others may read. Only metadata is read, never the content.
+//! [`warn_exposed`] looks at the permissions of secret and key files (those
+//! a config names) and warns, by key, path and mode, about those that group
+//! or others may read. Only metadata is read, never the content.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -167,61 +167,15 @@ pub fn exposed_mode(path: &Path) -> Option<u32> {
     (mode & 0o044 != 0).then_some(mode)
 }
 
-/// The secret and key files a config names, by key: client secrets, private
-/// keys, client assertions and TLS client keys. Certificates and CA files
-/// are public and not listed; secrets from the environment have no file.
-pub fn files(config: &crate::config::Config) -> Vec<(String, PathBuf)> {
-    use crate::config::ClientAuth;
-    let mut out = Vec::new();
-    for (name, profile) in &config.profiles {
-        let key = |k: &str| format!("profiles.{name}.{k}");
-        match &profile.auth {
-            ClientAuth::SecretBasic(Source::File(p))
-            | ClientAuth::SecretPost(Source::File(p))
-            | ClientAuth::SecretJwt {
-                secret: Source::File(p),
-                ..
-            } => out.push((key("client_secret_file"), p.clone())),
-            ClientAuth::PrivateKeyJwt { key_file, .. } => {
-                out.push((key("private_key_file"), key_file.clone()))
-            }
-            ClientAuth::ClientAssertion(Source::File(p)) => {
-                out.push((key("client_assertion_file"), p.clone()))
-            }
-            ClientAuth::TlsClientAuth { key_file, .. } => {
-                out.push((key("client_key_file"), key_file.clone()))
-            }
-            ClientAuth::SecretBasic(Source::Env(_))
-            | ClientAuth::SecretPost(Source::Env(_))
-            | ClientAuth::SecretJwt { .. }
-            | ClientAuth::ClientAssertion(Source::Env(_)) => {}
-        }
-    }
-    for (name, s) in &config.statics {
-        out.push((
-            format!("profiles.{name}.credential_file"),
-            s.credential_file.clone(),
-        ));
-    }
-    for (i, route) in config.routes.iter().enumerate() {
-        if let Some(cert) = &route.client_cert {
-            out.push((
-                format!("routes[{i}].client_key_file"),
-                cert.key_file.clone(),
-            ));
-        }
-    }
-    out
-}
-
-/// Logs one warning per secret or key file of `config` that group or others
-/// may read, naming the key, the path and the mode, and returns them. Called
-/// at start and at each reload; a warning, not an error, because a mounted
-/// Secret is often 0644 by default and the proxy must still start.
-pub fn warn_exposed_files(config: &crate::config::Config) -> Vec<Exposed> {
+/// Logs one warning per file of `files` (config key, path: what
+/// `Config::secret_files` lists) that group or others may read, naming the
+/// key, the path and the mode, and returns them. Called at start and at each
+/// reload; a warning, not an error, because a mounted Secret is often 0644
+/// by default and the proxy must still start.
+pub fn warn_exposed(files: &[(String, PathBuf)]) -> Vec<Exposed> {
     let mut exposed = Vec::new();
-    for (key, path) in files(config) {
-        if let Some(mode) = exposed_mode(&path) {
+    for (key, path) in files {
+        if let Some(mode) = exposed_mode(path) {
             tracing::warn!(
                 key = %key,
                 path = %path.display(),
@@ -229,7 +183,11 @@ pub fn warn_exposed_files(config: &crate::config::Config) -> Vec<Exposed> {
                 "secret file is readable by group or others; restrict it to the owner \
                  (chmod 600, or defaultMode: 0400 on a Kubernetes Secret volume)"
             );
-            exposed.push(Exposed { key, path, mode });
+            exposed.push(Exposed {
+                key: key.clone(),
+                path: path.clone(),
+                mode,
+            });
         }
     }
     exposed
@@ -293,122 +251,6 @@ mod tests {
         zeroize::Zeroize::zeroize(&mut inner);
         assert!(inner.is_empty());
         assert_eq!(s.expose(), "hunter2");
-    }
-
-    /// A subscriber that writes formatted events into a buffer.
-    fn capture() -> (
-        impl tracing::Subscriber + Send + Sync,
-        std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-    ) {
-        #[derive(Clone)]
-        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let writer = Buf(buf.clone());
-        let sub = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(move || writer.clone())
-            .finish();
-        (sub, buf)
-    }
-
-    fn config_with(dir: &Path, profiles: &str) -> crate::config::Config {
-        let text = format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\n{profiles}\n\
-             [[routes]]\nhost = \"a.test\"\nprofile = \"basic\"\n"
-        );
-        crate::config::from_text(&text, dir, Vec::<(String, String)>::new()).unwrap()
-    }
-
-    #[test]
-    fn group_or_world_readable_secret_files_are_warned_about() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let open = dir.path().join("open-secret");
-        let closed = dir.path().join("closed-secret");
-        let group = dir.path().join("group-secret");
-        for (p, mode) in [(&open, 0o644), (&closed, 0o600), (&group, 0o640)] {
-            std::fs::write(p, "s3cret-value\n").unwrap();
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
-        }
-        let config = config_with(
-            dir.path(),
-            "[profiles.basic]\ntoken_url = \"https://idp.test/t\"\nclient_id = \"c\"\n\
-             client_secret_file = \"open-secret\"\n\
-             [profiles.post]\ntoken_url = \"https://idp.test/t\"\nclient_id = \"c\"\n\
-             auth_method = \"client_secret_post\"\nclient_secret_file = \"closed-secret\"\n\
-             [profiles.jwt]\ntoken_url = \"https://idp.test/t\"\nclient_id = \"c\"\n\
-             auth_method = \"client_secret_jwt\"\nclient_secret_file = \"group-secret\"\n",
-        );
-        let (sub, buf) = capture();
-        let exposed = tracing::subscriber::with_default(sub, || warn_exposed_files(&config));
-        let keys: Vec<(&str, u32)> = exposed.iter().map(|e| (e.key.as_str(), e.mode)).collect();
-        assert_eq!(
-            keys,
-            vec![
-                ("profiles.basic.client_secret_file", 0o644),
-                ("profiles.jwt.client_secret_file", 0o640),
-            ]
-        );
-        let log = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
-        let lines: Vec<&str> = log.lines().collect();
-        assert_eq!(lines.len(), 2, "{log}");
-        assert!(lines[0].contains("WARN"), "{log}");
-        assert!(
-            lines[0].contains("profiles.basic.client_secret_file"),
-            "{log}"
-        );
-        assert!(lines[0].contains(&open.display().to_string()), "{log}");
-        assert!(lines[0].contains("mode=0644"), "{log}");
-        assert!(lines[1].contains("mode=0640"), "{log}");
-        assert!(!log.contains("closed-secret"), "{log}");
-        assert!(!log.contains("s3cret-value"), "{log}");
-
-        // Fixed: no warning any more.
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o600)).unwrap();
-        std::fs::set_permissions(&group, std::fs::Permissions::from_mode(0o400)).unwrap();
-        let (sub, buf) = capture();
-        let exposed = tracing::subscriber::with_default(sub, || warn_exposed_files(&config));
-        assert!(exposed.is_empty(), "{exposed:?}");
-        assert!(buf.lock().unwrap().is_empty());
-    }
-
-    #[test]
-    fn a_routes_upstream_client_key_is_checked_too() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["client.test".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        std::fs::write(dir.path().join("up.crt"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("up.key"), key.serialize_pem()).unwrap();
-        std::fs::write(dir.path().join("secret"), "s\n").unwrap();
-        for (f, mode) in [("up.key", 0o644), ("secret", 0o600)] {
-            std::fs::set_permissions(dir.path().join(f), std::fs::Permissions::from_mode(mode))
-                .unwrap();
-        }
-        let config = config_with(
-            dir.path(),
-            "[profiles.basic]\ntoken_url = \"https://idp.test/t\"\nclient_id = \"c\"\n\
-             client_secret_file = \"secret\"\n\
-             [[routes]]\nhost = \"api.test\"\nprofile = \"basic\"\n\
-             client_cert_file = \"up.crt\"\nclient_key_file = \"up.key\"\n",
-        );
-        let (sub, _buf) = capture();
-        let exposed = tracing::subscriber::with_default(sub, || warn_exposed_files(&config));
-        let keys: Vec<&str> = exposed.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["routes[0].client_key_file"]);
     }
 
     #[test]

@@ -191,7 +191,7 @@ impl Running {
         bound: listeners::Bound,
     ) {
         // At start and at every reload: secret files others may read.
-        secret::warn_exposed_files(&config);
+        secret::warn_exposed(&config.secret_files());
         let mut state = lock(&self.state);
         let stores = state.profiles.commit(tokens, &self.metrics.tokens);
         if let Some(proxy) = proxy {

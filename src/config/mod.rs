@@ -1431,6 +1431,54 @@ impl Config {
             .values()
             .filter(|p| self.routes.iter().any(|r| r.profile == p.name))
     }
+
+    /// The secret and key files this config names, by key: client secrets,
+    /// private keys, client assertions and TLS client keys. Certificates and
+    /// CA files are public and not listed; secrets from the environment have
+    /// no file. [`secret::warn_exposed`] checks their permissions.
+    pub fn secret_files(&self) -> Vec<(String, PathBuf)> {
+        use secret::Source;
+        let mut out = Vec::new();
+        for (name, profile) in &self.profiles {
+            let key = |k: &str| format!("profiles.{name}.{k}");
+            match &profile.auth {
+                ClientAuth::SecretBasic(Source::File(p))
+                | ClientAuth::SecretPost(Source::File(p))
+                | ClientAuth::SecretJwt {
+                    secret: Source::File(p),
+                    ..
+                } => out.push((key("client_secret_file"), p.clone())),
+                ClientAuth::PrivateKeyJwt { key_file, .. } => {
+                    out.push((key("private_key_file"), key_file.clone()))
+                }
+                ClientAuth::ClientAssertion(Source::File(p)) => {
+                    out.push((key("client_assertion_file"), p.clone()))
+                }
+                ClientAuth::TlsClientAuth { key_file, .. } => {
+                    out.push((key("client_key_file"), key_file.clone()))
+                }
+                ClientAuth::SecretBasic(Source::Env(_))
+                | ClientAuth::SecretPost(Source::Env(_))
+                | ClientAuth::SecretJwt { .. }
+                | ClientAuth::ClientAssertion(Source::Env(_)) => {}
+            }
+        }
+        for (name, s) in &self.statics {
+            out.push((
+                format!("profiles.{name}.credential_file"),
+                s.credential_file.clone(),
+            ));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if let Some(cert) = &route.client_cert {
+                out.push((
+                    format!("routes[{i}].client_key_file"),
+                    cert.key_file.clone(),
+                ));
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]

@@ -724,3 +724,130 @@ fn retry_max_without_token_defaults_and_is_bounded_by_retry_initial() {
         Duration::from_secs(5)
     );
 }
+
+/// The secret and key files a config names, and the warning about those
+/// group or others may read (`Config::secret_files`, `secret::warn_exposed`).
+mod secret_files {
+    use std::path::Path;
+
+    use crate::secret;
+
+    /// A subscriber that writes formatted events into a buffer.
+    fn capture() -> (
+        impl tracing::Subscriber + Send + Sync,
+        std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    ) {
+        #[derive(Clone)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = Buf(buf.clone());
+        let sub = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        (sub, buf)
+    }
+
+    fn config_with(dir: &Path, profiles: &str) -> crate::config::Config {
+        let text = format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n{profiles}\n\
+             [[routes]]\nhost = \"a.test\"\nprofile = \"basic\"\n"
+        );
+        crate::config::from_text(&text, dir, Vec::<(String, String)>::new()).unwrap()
+    }
+
+    #[test]
+    fn group_or_world_readable_secret_files_are_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open-secret");
+        let closed = dir.path().join("closed-secret");
+        let group = dir.path().join("group-secret");
+        for (p, mode) in [(&open, 0o644), (&closed, 0o600), (&group, 0o640)] {
+            std::fs::write(p, "s3cret-value\n").unwrap();
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let config = config_with(
+            dir.path(),
+            "[profiles.basic]\ntoken_url = \"https://idp.test/t\"\nclient_id = \"c\"\n\
+             client_secret_file = \"open-secret\"\n\
+             [profiles.post]\ntoken_url = \"https://idp.test/t\"\nclient_id = \"c\"\n\
+             auth_method = \"client_secret_post\"\nclient_secret_file = \"closed-secret\"\n\
+             [profiles.jwt]\ntoken_url = \"https://idp.test/t\"\nclient_id = \"c\"\n\
+             auth_method = \"client_secret_jwt\"\nclient_secret_file = \"group-secret\"\n",
+        );
+        let (sub, buf) = capture();
+        let exposed =
+            tracing::subscriber::with_default(sub, || secret::warn_exposed(&config.secret_files()));
+        let keys: Vec<(&str, u32)> = exposed.iter().map(|e| (e.key.as_str(), e.mode)).collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("profiles.basic.client_secret_file", 0o644),
+                ("profiles.jwt.client_secret_file", 0o640),
+            ]
+        );
+        let log = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 2, "{log}");
+        assert!(lines[0].contains("WARN"), "{log}");
+        assert!(
+            lines[0].contains("profiles.basic.client_secret_file"),
+            "{log}"
+        );
+        assert!(lines[0].contains(&open.display().to_string()), "{log}");
+        assert!(lines[0].contains("mode=0644"), "{log}");
+        assert!(lines[1].contains("mode=0640"), "{log}");
+        assert!(!log.contains("closed-secret"), "{log}");
+        assert!(!log.contains("s3cret-value"), "{log}");
+
+        // Fixed: no warning any more.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&group, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let (sub, buf) = capture();
+        let exposed =
+            tracing::subscriber::with_default(sub, || secret::warn_exposed(&config.secret_files()));
+        assert!(exposed.is_empty(), "{exposed:?}");
+        assert!(buf.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_routes_upstream_client_key_is_checked_too() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["client.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("up.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("up.key"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("secret"), "s\n").unwrap();
+        for (f, mode) in [("up.key", 0o644), ("secret", 0o600)] {
+            std::fs::set_permissions(dir.path().join(f), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        }
+        let config = config_with(
+            dir.path(),
+            "[profiles.basic]\ntoken_url = \"https://idp.test/t\"\nclient_id = \"c\"\n\
+             client_secret_file = \"secret\"\n\
+             [[routes]]\nhost = \"api.test\"\nprofile = \"basic\"\n\
+             client_cert_file = \"up.crt\"\nclient_key_file = \"up.key\"\n",
+        );
+        let (sub, _buf) = capture();
+        let exposed =
+            tracing::subscriber::with_default(sub, || secret::warn_exposed(&config.secret_files()));
+        let keys: Vec<&str> = exposed.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["routes[0].client_key_file"]);
+    }
+}
