@@ -1,4 +1,7 @@
+use std::time::Duration;
+
 use super::*;
+use crate::secret;
 
 fn dir_with_secret() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,374 @@
+//! `[profiles.*]`: a token endpoint profile (`client_credentials`) with its
+//! client authentication, or a static credential (`grant = "static"`).
+
+use std::collections::BTreeMap;
+
+use http::{HeaderName, HeaderValue};
+
+use crate::config::raw::RawProfile;
+use crate::config::{BasicEncoding, ClientAuth, Endpoint, GRANTS, METHODS, Profile, Static};
+use crate::keys::{Alg, SigningKey};
+use crate::secret;
+
+use super::Validator;
+
+impl Validator<'_> {
+    /// Every profile, by grant: those that get tokens from an endpoint, and
+    /// the static ones.
+    pub(super) fn profiles(
+        &mut self,
+        raw: BTreeMap<String, RawProfile>,
+    ) -> (BTreeMap<String, Profile>, BTreeMap<String, Static>) {
+        let mut profiles = BTreeMap::new();
+        let mut statics = BTreeMap::new();
+        for (name, p) in raw {
+            match p.grant.as_deref().unwrap_or("client_credentials") {
+                "client_credentials" => {
+                    if p.credential_file.is_some() {
+                        self.problem(
+                            format!("profiles.{name}.credential_file"),
+                            "only used with grant = \"static\"",
+                        );
+                    }
+                    if let Some(profile) = self.profile(&name, p) {
+                        profiles.insert(name, profile);
+                    }
+                }
+                "static" => {
+                    if let Some(s) = self.static_profile(&name, p) {
+                        statics.insert(name, s);
+                    }
+                }
+                other => self.one_of(&format!("profiles.{name}.grant"), other, &GRANTS),
+            }
+        }
+        (profiles, statics)
+    }
+
+    /// A `grant = "static"` profile: `credential_file`, and none of the
+    /// token endpoint's keys (a set one would be silently ignored).
+    fn static_profile(&mut self, name: &str, p: RawProfile) -> Option<Static> {
+        let key = |k: &str| format!("profiles.{name}.{k}");
+        let unused = [
+            ("token_url", p.token_url.is_some()),
+            ("issuer", p.issuer.is_some()),
+            ("client_id", p.client_id.is_some()),
+            ("client_secret_file", p.client_secret_file.is_some()),
+            ("client_secret_env", p.client_secret_env.is_some()),
+            ("auth_method", p.auth_method.is_some()),
+            ("private_key_file", p.private_key_file.is_some()),
+            ("key_id", p.key_id.is_some()),
+            ("signing_alg", p.signing_alg.is_some()),
+            ("assertion_audience", p.assertion_audience.is_some()),
+            ("client_assertion_file", p.client_assertion_file.is_some()),
+            ("client_cert_file", p.client_cert_file.is_some()),
+            ("client_key_file", p.client_key_file.is_some()),
+            ("scopes", p.scopes.is_some()),
+            ("audience", p.audience.is_some()),
+            ("resources", p.resources.is_some()),
+            ("ca_file", p.ca_file.is_some()),
+            ("extra_params", p.extra_params.is_some()),
+            ("token_headers", p.token_headers.is_some()),
+            ("basic_encoding", p.basic_encoding.is_some()),
+        ];
+        for (k, set) in unused {
+            if set {
+                self.problem(
+                    key(k),
+                    "not used by grant \"static\" (there is no token endpoint)",
+                );
+            }
+        }
+        let Some(file) = p.credential_file.as_deref() else {
+            self.problem(
+                key("credential_file"),
+                "missing; grant = \"static\" needs it",
+            );
+            return None;
+        };
+        let credential_file = self.path(file);
+        // Read now, so `check` says what is wrong with the file.
+        if let Err(e) = secret::Source::File(credential_file.clone()).read() {
+            self.problem(key("credential_file"), e.to_string());
+            return None;
+        }
+        Some(Static {
+            name: name.to_owned(),
+            credential_file,
+        })
+    }
+
+    fn secret_source(&mut self, name: &str, p: &RawProfile) -> Option<secret::Source> {
+        let key = |k: &str| format!("profiles.{name}.{k}");
+        match (&p.client_secret_file, &p.client_secret_env) {
+            (Some(f), None) => {
+                let path = self.readable_file(&key("client_secret_file"), f);
+                let src = secret::Source::File(path);
+                if let Err(e @ secret::Error::Empty { .. }) = src.read() {
+                    self.problem(key("client_secret_file"), e.to_string());
+                }
+                Some(src)
+            }
+            (None, Some(var)) => {
+                let src = secret::Source::Env(var.clone());
+                if let Err(e) = src.read() {
+                    self.problem(key("client_secret_env"), e.to_string());
+                }
+                Some(src)
+            }
+            (Some(_), Some(_)) => {
+                self.problem(
+                    key("client_secret_file"),
+                    "set either client_secret_file or client_secret_env, not both",
+                );
+                None
+            }
+            (None, None) => {
+                let method = p.auth_method.as_deref().unwrap_or("client_secret_basic");
+                self.problem(
+                    key("client_secret_file"),
+                    format!("missing; auth_method {method:?} needs client_secret_file or client_secret_env"),
+                );
+                None
+            }
+        }
+    }
+
+    fn signing_alg(&mut self, key: &str, alg: Option<&str>) -> Result<Option<Alg>, ()> {
+        match alg {
+            None => Ok(None),
+            Some(a) => match Alg::parse(a) {
+                Some(alg) => Ok(Some(alg)),
+                None => {
+                    self.one_of(key, a, &Alg::ALL);
+                    Err(())
+                }
+            },
+        }
+    }
+
+    /// The client authentication of a profile: each method's own keys,
+    /// present and valid; keys of other methods refused.
+    fn client_auth(&mut self, name: &str, p: &RawProfile) -> Option<ClientAuth> {
+        let key = |k: &str| format!("profiles.{name}.{k}");
+        let method = p.auth_method.as_deref().unwrap_or("client_secret_basic");
+        // Which keys each method reads.
+        let uses: &[&str] = match method {
+            "client_secret_basic" | "client_secret_post" => {
+                &["client_secret_file", "client_secret_env"]
+            }
+            "client_secret_jwt" => &[
+                "client_secret_file",
+                "client_secret_env",
+                "key_id",
+                "signing_alg",
+                "assertion_audience",
+            ],
+            "private_key_jwt" if p.client_assertion_file.is_some() => &["client_assertion_file"],
+            "private_key_jwt" => &[
+                "private_key_file",
+                "key_id",
+                "signing_alg",
+                "assertion_audience",
+            ],
+            "tls_client_auth" => &["client_cert_file", "client_key_file"],
+            other => {
+                self.one_of(&key("auth_method"), other, &METHODS);
+                // Still check a secret that is named: report everything at once.
+                if p.client_secret_file.is_some() || p.client_secret_env.is_some() {
+                    self.secret_source(name, p);
+                }
+                return None;
+            }
+        };
+        let mut stray = false;
+        for (k, set) in [
+            ("client_secret_file", p.client_secret_file.is_some()),
+            ("client_secret_env", p.client_secret_env.is_some()),
+            ("private_key_file", p.private_key_file.is_some()),
+            ("key_id", p.key_id.is_some()),
+            ("signing_alg", p.signing_alg.is_some()),
+            ("assertion_audience", p.assertion_audience.is_some()),
+            ("client_assertion_file", p.client_assertion_file.is_some()),
+            ("client_cert_file", p.client_cert_file.is_some()),
+            ("client_key_file", p.client_key_file.is_some()),
+        ] {
+            if set && !uses.contains(&k) {
+                let why = if method == "private_key_jwt" && p.client_assertion_file.is_some() {
+                    format!("not used by auth_method {method:?} with client_assertion_file")
+                } else {
+                    format!("not used by auth_method {method:?}")
+                };
+                self.problem(key(k), why);
+                stray = true;
+            }
+        }
+        let auth = match method {
+            "client_secret_basic" => self.secret_source(name, p).map(ClientAuth::SecretBasic),
+            "client_secret_post" => self.secret_source(name, p).map(ClientAuth::SecretPost),
+            "client_secret_jwt" => {
+                let secret = self.secret_source(name, p);
+                let alg = match self.signing_alg(&key("signing_alg"), p.signing_alg.as_deref()) {
+                    Ok(Some(a)) if !a.is_hmac() => {
+                        self.problem(
+                            key("signing_alg"),
+                            format!("{a} is not an HMAC algorithm; client_secret_jwt uses HS256, HS384 or HS512"),
+                        );
+                        None
+                    }
+                    Ok(a) => Some(a.unwrap_or(Alg::HS256)),
+                    Err(()) => None,
+                };
+                Some(ClientAuth::SecretJwt {
+                    secret: secret?,
+                    alg: alg?,
+                    key_id: p.key_id.clone(),
+                })
+            }
+            "private_key_jwt" => match (&p.private_key_file, &p.client_assertion_file) {
+                (_, Some(f)) => {
+                    let path = self.readable_file(&key("client_assertion_file"), f);
+                    Some(ClientAuth::ClientAssertion(secret::Source::File(path)))
+                }
+                (Some(f), None) => {
+                    let path = self.path(f);
+                    let alg = self.signing_alg(&key("signing_alg"), p.signing_alg.as_deref());
+                    match (SigningKey::load(&path), alg) {
+                        (Ok(k), Ok(alg)) => match k.alg(alg) {
+                            Ok(_) => Some(ClientAuth::PrivateKeyJwt {
+                                key_file: path,
+                                alg,
+                                key_id: p.key_id.clone(),
+                            }),
+                            Err(e) => {
+                                self.problem(key("signing_alg"), e.to_string());
+                                None
+                            }
+                        },
+                        (Err(e), _) => {
+                            self.problem(key("private_key_file"), e.to_string());
+                            None
+                        }
+                        (_, Err(())) => None,
+                    }
+                }
+                (None, None) => {
+                    self.problem(
+                        key("private_key_file"),
+                        "missing; private_key_jwt needs private_key_file or client_assertion_file",
+                    );
+                    None
+                }
+            },
+            "tls_client_auth" => match (&p.client_cert_file, &p.client_key_file) {
+                (Some(c), Some(k)) => {
+                    let (cert, key_file) = (self.path(c), self.path(k));
+                    match crate::tls::load_identity(&cert, &key_file) {
+                        Ok(_) => Some(ClientAuth::TlsClientAuth {
+                            cert_file: cert,
+                            key_file,
+                        }),
+                        Err(e) => {
+                            self.problem(key("client_cert_file"), e.to_string());
+                            None
+                        }
+                    }
+                }
+                (None, _) => {
+                    self.problem(
+                        key("client_cert_file"),
+                        "missing; tls_client_auth needs client_cert_file and client_key_file",
+                    );
+                    None
+                }
+                (_, None) => {
+                    self.problem(
+                        key("client_key_file"),
+                        "missing; tls_client_auth needs client_cert_file and client_key_file",
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
+        auth.filter(|_| !stray)
+    }
+
+    fn profile(&mut self, name: &str, p: RawProfile) -> Option<Profile> {
+        let key = |k: &str| format!("profiles.{name}.{k}");
+        let mut ok = true;
+        let endpoint = match (&p.token_url, &p.issuer) {
+            (Some(u), None) => self.https_url(&key("token_url"), u).map(Endpoint::TokenUrl),
+            (None, Some(u)) => self.https_url(&key("issuer"), u).map(Endpoint::Issuer),
+            (Some(_), Some(_)) => {
+                self.problem(key("issuer"), "set either token_url or issuer, not both");
+                None
+            }
+            (None, None) => {
+                self.problem(
+                    key("token_url"),
+                    "missing; set token_url, or issuer for discovery",
+                );
+                None
+            }
+        };
+        let client_id = match &p.client_id {
+            Some(id) if !id.is_empty() => Some(id.clone()),
+            _ => {
+                self.problem(key("client_id"), "missing");
+                None
+            }
+        };
+        let auth = self.client_auth(name, &p);
+        let basic_encoding = match p.basic_encoding.as_deref().unwrap_or("form") {
+            "form" => BasicEncoding::Form,
+            "raw" => BasicEncoding::Raw,
+            other => {
+                self.one_of(&key("basic_encoding"), other, &["form", "raw"]);
+                ok = false;
+                BasicEncoding::Form
+            }
+        };
+        let mut token_headers = Vec::new();
+        for (h, v) in p.token_headers.unwrap_or_default() {
+            match (
+                HeaderName::try_from(h.as_str()),
+                HeaderValue::try_from(v.as_str()),
+            ) {
+                (Ok(n), Ok(v)) => token_headers.push((n, v)),
+                _ => {
+                    self.problem(
+                        key(&format!("token_headers.{h}")),
+                        "invalid header name or value",
+                    );
+                    ok = false;
+                }
+            }
+        }
+        for r in p.resources.iter().flatten() {
+            if url::Url::parse(r).is_err() {
+                self.problem(
+                    key("resources"),
+                    format!("{r:?} is not an absolute URI (RFC 8707)"),
+                );
+                ok = false;
+            }
+        }
+        let ca_file = self.ca_file(&key("ca_file"), p.ca_file.as_deref());
+        Some(Profile {
+            name: name.to_owned(),
+            endpoint: endpoint?,
+            client_id: client_id?,
+            auth: auth?,
+            assertion_audience: p.assertion_audience,
+            scopes: p.scopes.unwrap_or_default(),
+            audience: p.audience,
+            resources: p.resources.unwrap_or_default(),
+            ca_file,
+            extra_params: p.extra_params.unwrap_or_default().into_iter().collect(),
+            token_headers,
+            basic_encoding,
+        })
+        .filter(|_| ok)
+    }
+}
