@@ -312,10 +312,13 @@ def verdict(a):
     # Per blip that outlasted the token: how long 503s went on after the
     # endpoint came back (the recovery the retry_max_without_token cap bounds).
     recoveries = []
+    starts = sorted(f for f, _ in downs)
     for f, u in downs:
-        after = [t for t, cls, _, _ in errs if u < t <= u + 30 and not cls.startswith("token valid")]
+        # Up to the next blip: its errors are its own.
+        until = min([s for s in starts if s > u] + [u + 30])
+        after = [t for t, cls, _, _ in errs if u < t < until and not cls.startswith("token valid")]
         during = [t for t, _, _, _ in errs if f <= t <= u]
-        if during:
+        if during or after:
             recoveries.append(max(after) - u if after else 0.0)
     if recoveries:
         say(f"blips that outlasted the token: {len(recoveries)}; 503s after the endpoint's return lasted "
