@@ -21,6 +21,9 @@
 //! JWT encoding and decoding, the endpoint's handler) and `echo` (the echo
 //! upstream and its answer). This file holds the command line, the errors,
 //! the config the demo writes, and [`Demo`], which starts and stops it all.
+//!
+//! The library builds it only with the cargo feature `demo` (on by
+//! default); `--no-default-features` leaves it out, and rcgen with it.
 
 mod echo;
 mod pki;
