@@ -52,10 +52,11 @@ enum Command {
 #[cfg(feature = "demo")]
 type DemoArgs = token_injector::demo::Options;
 
-// Without the `demo` feature: whatever follows `demo` is taken, so that any
-// flags get the one line below rather than a parse error.
+// Without the `demo` feature: whatever follows `demo` (`--help` too) is
+// taken, so that any flags get the one line below rather than a parse error.
 #[cfg(not(feature = "demo"))]
 #[derive(clap::Args)]
+#[command(disable_help_flag = true)]
 struct DemoArgs {
     #[arg(hide = true, trailing_var_arg = true, allow_hyphen_values = true)]
     _args: Vec<std::ffi::OsString>,
