@@ -10,7 +10,7 @@ use ring::hmac;
 use serde_json::{Map, Value};
 
 use super::token_endpoint::decode_jwt;
-use super::{Answer, json_response, now_unix};
+use super::{Answer, LOG_TARGET, json_response, now_unix};
 
 /// How many characters of a token the echo shows.
 const SHOWN_TOKEN_CHARS: usize = 12;
@@ -180,6 +180,7 @@ pub(super) async fn echo(key: Arc<hmac::Key>, req: Request<Incoming>) -> Answer 
         _ => ("-", "-".to_owned()),
     };
     tracing::info!(
+        target: LOG_TARGET,
         "demo echo answered {} {} (token jti {jti}, expires in {left})",
         parts.method,
         parts.uri.path()

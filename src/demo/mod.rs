@@ -51,6 +51,10 @@ use echo::echo;
 use pki::{Pki, serve_tls};
 use token_endpoint::{Issuer, token_endpoint};
 
+/// The log target of every demo log line, from whichever file: the one
+/// `RUST_LOG=token_injector::demo=…` selects and the log lines show.
+const LOG_TARGET: &str = module_path!();
+
 /// The client the demo's token endpoint knows.
 pub const CLIENT_ID: &str = "demo-client";
 /// The profile in the demo config.

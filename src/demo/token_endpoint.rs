@@ -13,7 +13,9 @@ use hyper::body::Incoming;
 use ring::hmac;
 use serde_json::{Value, json};
 
-use super::{AUDIENCE, Answer, CLIENT_ID, SCOPE, TOKEN_PATH, json_response, now_unix, random_hex};
+use super::{
+    AUDIENCE, Answer, CLIENT_ID, LOG_TARGET, SCOPE, TOKEN_PATH, json_response, now_unix, random_hex,
+};
 
 /// The most the token endpoint reads of a request body.
 const MAX_BODY: usize = 1024 * 1024;
@@ -147,7 +149,10 @@ pub(super) async fn token_endpoint(issuer: Arc<Issuer>, req: Request<Incoming>) 
         );
     }
     if !basic_auth_ok(req.headers(), CLIENT_ID, &issuer.client_secret) {
-        tracing::warn!("demo token endpoint refused a request: wrong client credentials");
+        tracing::warn!(
+            target: LOG_TARGET,
+            "demo token endpoint refused a request: wrong client credentials"
+        );
         let mut resp = oauth_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
@@ -201,7 +206,10 @@ pub(super) async fn token_endpoint(issuer: Arc<Issuer>, req: Request<Incoming>) 
         "jti": jti,
     });
     let token = encode_jwt(&issuer.key, &claims);
-    tracing::info!("demo token endpoint issued a token (jti {jti}, expires in {lifetime} s)");
+    tracing::info!(
+        target: LOG_TARGET,
+        "demo token endpoint issued a token (jti {jti}, expires in {lifetime} s)"
+    );
     json_response(
         StatusCode::OK,
         &json!({
