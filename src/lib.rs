@@ -18,11 +18,13 @@
 //! - [`errors`]: an error and its causes on one line;
 //! - [`app`]: assembles all of it from a config ([`start`] → [`Running`]),
 //!   and swaps in a new config on reload ([`Running::apply`]);
-//! - [`demo`]: `token-injector demo`, a self-contained local demo.
+//! - [`demo`]: `token-injector demo`, a self-contained local demo (cargo
+//!   feature `demo`, on by default; the production build leaves it out).
 
 pub mod admin;
 pub mod app;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod errors;
 pub mod head;

@@ -2,6 +2,9 @@
 //! library. `run` exits 64 on a bad config and 0 after a graceful shutdown.
 //! `demo` runs the proxy against its own token endpoint and echo upstream
 //! (`token_injector::demo`), exits 1 if it cannot start, 0 after Ctrl-C.
+//! A build without the cargo feature `demo` (the production image) keeps
+//! the subcommand, so the help is the same, but `demo` only says so and
+//! exits 64.
 //!
 //! Before `run` reads any secret it turns core dumps off: a dump of this
 //! process would hold client secrets, private keys and tokens.
@@ -43,10 +46,24 @@ enum Command {
     /// short-lived tokens, an HTTPS echo upstream that shows each request as
     /// it arrives, and the proxy in front of them; prints the curl lines to
     /// try. Ctrl-C stops everything.
-    Demo(token_injector::demo::Options),
+    Demo(DemoArgs),
 }
 
-/// EX_USAGE from sysexits.h: the configuration is unusable.
+#[cfg(feature = "demo")]
+type DemoArgs = token_injector::demo::Options;
+
+// Without the `demo` feature: whatever follows `demo` (`--help` too) is
+// taken, so that any flags get the one line below rather than a parse error.
+#[cfg(not(feature = "demo"))]
+#[derive(clap::Args)]
+#[command(disable_help_flag = true)]
+struct DemoArgs {
+    #[arg(hide = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    _args: Vec<std::ffi::OsString>,
+}
+
+/// EX_USAGE from sysexits.h: the configuration is unusable (or `demo` was
+/// asked of a build without it).
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
@@ -91,6 +108,15 @@ fn main() -> ExitCode {
             };
             runtime.block_on(run(config, path))
         }
+        #[cfg(not(feature = "demo"))]
+        Command::Demo(_) => {
+            eprintln!(
+                "token-injector: this binary was built without the \"demo\" feature \
+                 (cargo build --features demo)"
+            );
+            ExitCode::from(EXIT_CONFIG)
+        }
+        #[cfg(feature = "demo")]
         Command::Demo(options) => {
             init_tracing();
             forbid_core_dumps();
@@ -108,6 +134,7 @@ fn main() -> ExitCode {
 
 /// `demo`: like `run`, with the demo's own config, and SIGHUP (the terminal
 /// closing) stops it too.
+#[cfg(feature = "demo")]
 async fn demo(options: token_injector::demo::Options) -> ExitCode {
     let mut signals = match Signals::install() {
         Ok(s) => s,
