@@ -18,6 +18,7 @@
 //! `LOGS_TEST_KEEP=1` keeps the captured logs of a passing run; a failing
 //! run always keeps them and names the file.
 
+#[path = "it/support/mod.rs"]
 mod support;
 
 use std::collections::HashSet;

@@ -5,6 +5,7 @@
 //! (`token_injector_config_reloads_total`) and its log. The token endpoint
 //! and upstreams run in the test process. Secret rotation runs in-process.
 
+#[path = "it/support/mod.rs"]
 mod support;
 
 use std::io::{BufRead, BufReader};

@@ -8,8 +8,6 @@
 //! well-behaved server library would not: lies about lengths, resets, bodies
 //! that never end.
 
-mod support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use support::{Pki, TokenState, Upstream, direct_client, error_kind, eventually, proxied_client};
+use crate::support::{
+    Pki, TokenState, Upstream, direct_client, error_kind, eventually, proxied_client,
+};
 
 /// Lifetime of the good token the proxy holds when the endpoint goes bad.
 /// Renewal starts at half of it; it is sent until 90 % of it (the skew is
