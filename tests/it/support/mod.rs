@@ -2,7 +2,6 @@
 //! that counts requests and can fail in every way, a TLS upstream that
 //! checks the bearer token against what the endpoint issued, and helpers to
 //! start the proxy in-process on 127.0.0.1.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;

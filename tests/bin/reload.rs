@@ -5,9 +5,6 @@
 //! (`token_injector_config_reloads_total`) and its log. The token endpoint
 //! and upstreams run in the test process. Secret rotation runs in-process.
 
-#[path = "it/support/mod.rs"]
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,7 +24,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 
-use support::*;
+use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-injector");
 const WAIT: Duration = Duration::from_secs(15);
