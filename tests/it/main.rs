@@ -15,6 +15,7 @@ mod limits;
 mod ops;
 mod properties;
 mod proxy;
+mod reload;
 mod streaming;
 mod upstream_h2;
 mod upstream_mtls;
