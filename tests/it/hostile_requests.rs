@@ -6,13 +6,11 @@
 //! A token must never reach anything but the route's upstream, and the proxy
 //! must answer the next request after each of them.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Setup {

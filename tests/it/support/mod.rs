@@ -2,7 +2,6 @@
 //! that counts requests and can fail in every way, a TLS upstream that
 //! checks the bearer token against what the endpoint issued, and helpers to
 //! start the proxy in-process on 127.0.0.1.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -22,6 +21,8 @@ use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+pub mod reload;
 
 pub type BoxBody =
     http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;

@@ -18,8 +18,6 @@
 //! `LOGS_TEST_KEEP=1` keeps the captured logs of a passing run; a failing
 //! run always keeps them and names the file.
 
-mod support;
-
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -35,7 +33,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
-use support::{BoxBody, Pki, TokenState, Upstream, error_kind, json, proxied_client, serve};
+use crate::support::{
+    self, BoxBody, Pki, TokenState, Upstream, error_kind, json, proxied_client, serve,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-injector");
 

@@ -5,8 +5,6 @@
 //! and open tunnels kept past the proxy's connection timers but closed by a
 //! shutdown within the drain bound.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::{Mode, Pki, World};
+use crate::support::{self, Mode, Pki, World};
 
 /// What a TLS destination saw: (path, Authorization header).
 type Log = Arc<Mutex<Vec<(String, Option<String>)>>>;

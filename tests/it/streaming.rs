@@ -1,12 +1,10 @@
 //! Bodies stream through the proxy both ways with flat memory. Its own test
 //! binary, so the process's peak RSS reflects this test alone.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::StreamExt;
-use support::*;
 
 const GIB: u64 = 1024 * 1024 * 1024;
 

@@ -1,13 +1,11 @@
 //! End-to-end tests: the whole proxy in-process on 127.0.0.1, real TLS to a
 //! token endpoint and an upstream with certificates from a per-test CA.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 async fn body_text(r: reqwest::Response) -> String {
     r.text().await.unwrap()

@@ -1,8 +1,6 @@
 //! Limits and timeouts: each one bites on the connection or request that
 //! crosses it, while a normal request on another connection is served.
 
-mod support;
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -12,7 +10,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use support::*;
+use crate::support::*;
 
 /// The standard test config with extra keys in `[proxy]` and `[upstream]`.
 fn config_with(w: &World, proxy: &str, upstream: &str, extra: &str) -> String {

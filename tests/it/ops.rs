@@ -2,8 +2,6 @@
 //! end to end, the exposition checked by `promtool`, and a real Prometheus
 //! server scraping the proxy.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -13,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use support::*;
+use crate::support::*;
 
 // ---------------------------------------------------------------- helpers
 

@@ -8,8 +8,6 @@
 //! well-behaved server library would not: lies about lengths, resets, bodies
 //! that never end.
 
-mod support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use support::{Pki, TokenState, Upstream, direct_client, error_kind, eventually, proxied_client};
+use crate::support::{
+    Pki, TokenState, Upstream, direct_client, error_kind, eventually, proxied_client,
+};
 
 /// Lifetime of the good token the proxy holds when the endpoint goes bad.
 /// Renewal starts at half of it; it is sent until 90 % of it (the skew is
@@ -890,6 +890,14 @@ impl Captured {
 
 #[tokio::test]
 async fn failures_are_logged_with_reason_and_without_tokens() {
+    // tracing caches per callsite, for the whole process, whether anyone
+    // wants its events. While exactly one Dispatch is registered, a callsite
+    // hit for the first time asks the default subscriber of the thread that
+    // hit it: if that is another test's thread, which has none, "token fetch
+    // failed" is cached as never, for this thread too (tokio-rs/tracing#3611).
+    // With a second registered Dispatch, one that enables nothing, every
+    // registered Dispatch is asked instead.
+    let _second = tracing::Dispatch::new(tracing_subscriber::fmt().with_env_filter("off").finish());
     // The test runtime has one thread: the proxy's tasks log through this
     // thread's default subscriber.
     let logs = Captured::default();

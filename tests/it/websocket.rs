@@ -3,8 +3,6 @@
 //! real TLS. The token is set on the upgrade request, then frames flow both
 //! ways untouched; an upstream that refuses the upgrade is answered as is.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,7 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
 
-use support::{Mode, World};
+use crate::support::{self, Mode, World};
 
 /// What the WebSocket upstream saw of each upgrade request.
 #[derive(Clone, Debug)]

@@ -3,14 +3,13 @@
 //! streams multiplex over one pooled connection. App side: every listener
 //! also speaks h2c with prior knowledge, with the same token injection.
 
-mod support;
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::{self, BoxBody, Pki, TokenState, error_kind, json, proxied_client};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty};
@@ -21,7 +20,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use support::{BoxBody, Pki, TokenState, error_kind, json, proxied_client};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Records the ALPN list of every ClientHello, then serves one certificate.

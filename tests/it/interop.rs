@@ -7,20 +7,18 @@
 //! Needs `node` and `npm ci --prefix tests/interop` (done by `.ci/run`); a
 //! missing Node fails the test loudly.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::support::*;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use support::*;
 
 const API: &str = "https://api.test";
 

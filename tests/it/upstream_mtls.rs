@@ -3,8 +3,6 @@
 //! connection, and together with `tls_client_auth` at the token endpoint
 //! make certificate-bound tokens (RFC 8705 §3) work.
 
-mod support;
-
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::{self, BoxBody, Pki, error_kind, json, proxied_client};
 use base64::Engine;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -20,7 +19,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use support::{BoxBody, Pki, error_kind, json, proxied_client};
 use tokio::net::TcpListener;
 
 /// The RFC 8705 thumbprint of the first certificate of a PEM text.

@@ -1,0 +1,22 @@
+//! The in-process end-to-end tests, one binary: each module starts the
+//! proxy (or calls the library) inside the test process. Tests that run the
+//! built `token-injector` binary as a child live in `tests/bin/`.
+
+mod support;
+
+mod alerts;
+mod broken_upstreams;
+mod connect;
+mod grpc;
+mod hostile_requests;
+mod hostile_tokens;
+mod interop;
+mod limits;
+mod ops;
+mod properties;
+mod proxy;
+mod reload;
+mod streaming;
+mod upstream_h2;
+mod upstream_mtls;
+mod websocket;
