@@ -26,7 +26,7 @@
 //! default); `--no-default-features` leaves it out, and rcgen with it.
 
 mod echo;
-mod pki;
+pub mod pki;
 mod token_endpoint;
 
 pub use echo::{EchoAnswer, TokenView, echo_answer, redact_authorization};

@@ -19,6 +19,77 @@ use tokio::task::JoinSet;
 
 use super::{Answer, Error, setup};
 
+/// A certificate authority made for one run, issuing leaves for local
+/// servers. The demo uses one; the end-to-end tests' fixtures use the same
+/// (tests/it/support), so the two cannot drift apart.
+pub struct Ca {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    pem: String,
+}
+
+/// A leaf certificate and its key, in DER and PEM.
+pub struct Leaf {
+    pub cert: rustls::pki_types::CertificateDer<'static>,
+    pub key: rustls::pki_types::PrivateKeyDer<'static>,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Ca {
+    /// A new CA named `common_name`, allowed to issue leaves only.
+    pub fn new(common_name: &str) -> Result<Self, rcgen::Error> {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+        let pem = issuer.pem();
+        Ok(Self { issuer, pem })
+    }
+
+    /// The CA certificate, PEM: what clients trust.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// A leaf for `names` (DNS names or IP addresses) with a fresh key.
+    pub fn leaf(&self, names: &[&str]) -> Result<Leaf, rcgen::Error> {
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|_| rcgen::Error::CouldNotParseKeyPair)?;
+        Ok(Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert: cert.der().clone(),
+            key: key_der,
+        })
+    }
+
+    /// Server settings with a leaf for `names`, offering `alpn`, asking no
+    /// client certificate.
+    pub fn server_config(
+        &self,
+        names: &[&str],
+        alpn: &[&[u8]],
+    ) -> Result<Arc<rustls::ServerConfig>, String> {
+        let leaf = self.leaf(names).map_err(|e| e.to_string())?;
+        let mut server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .and_then(|b| {
+                b.with_no_client_auth()
+                    .with_single_cert(vec![leaf.cert], leaf.key)
+            })
+            .map_err(|e| e.to_string())?;
+        server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(server))
+    }
+}
+
 /// The per-run CA and the servers' TLS settings.
 pub(super) struct Pki {
     pub(super) ca_pem: String,
@@ -27,34 +98,14 @@ pub(super) struct Pki {
 
 impl Pki {
     pub(super) fn new() -> Result<Self, Error> {
-        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-        let ca_err = |e: rcgen::Error| setup("cannot make the demo CA", e);
-        let leaf_err = |e: rcgen::Error| setup("cannot make the demo certificate", e);
-        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(ca_err)?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.distinguished_name.push(
-            rcgen::DnType::CommonName,
-            "token-injector demo CA (this run only)",
-        );
-        let ca_key = KeyPair::generate().map_err(ca_err)?;
-        let issuer = CertifiedIssuer::self_signed(params, ca_key).map_err(ca_err)?;
-        let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .map_err(leaf_err)?;
-        let leaf_key = KeyPair::generate().map_err(leaf_err)?;
-        let cert = leaf.signed_by(&leaf_key, &issuer).map_err(leaf_err)?;
-        let key_der = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der())
-            .map_err(|e| setup("cannot use the demo key", e))?;
-        let mut server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .and_then(|b| {
-                b.with_no_client_auth()
-                    .with_single_cert(vec![cert.der().clone()], key_der)
-            })
-            .map_err(|e| setup("TLS setup failed", e))?;
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let ca = Ca::new("token-injector demo CA (this run only)")
+            .map_err(|e| setup("cannot make the demo CA", e))?;
+        let server = ca
+            .server_config(&["localhost", "127.0.0.1"], &[b"h2", b"http/1.1"])
+            .map_err(|e| setup("cannot make the demo certificate", e))?;
         Ok(Self {
-            ca_pem: issuer.pem(),
-            server: Arc::new(server),
+            ca_pem: ca.pem().to_owned(),
+            server,
         })
     }
 }

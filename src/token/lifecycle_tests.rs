@@ -409,7 +409,7 @@ async fn invalidation_during_retry_after_waits_for_it() {
 
 /// Renewal at the policy's time: 5 s tokens renew every 2.25–2.5 s (half
 /// the lifetime, up to 10 % earlier), and no request ever waits or fails.
-/// (End to end with a TLS token server: tests/proxy.rs.)
+/// (End to end with a TLS token server: tests/it/proxy.rs.)
 #[tokio::test(start_paused = true)]
 async fn short_tokens_renew_at_half_their_life_and_no_request_fails() {
     for seed in 0..10 {

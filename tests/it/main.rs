@@ -7,6 +7,8 @@ mod support;
 mod alerts;
 mod broken_upstreams;
 mod connect;
+mod credentials;
+mod docs_reference;
 mod grpc;
 mod hostile_requests;
 mod hostile_tokens;

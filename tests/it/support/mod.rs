@@ -18,7 +18,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -31,22 +30,18 @@ pub fn full(b: impl Into<Bytes>) -> BoxBody {
     Full::new(b.into()).map_err(|e| match e {}).boxed()
 }
 
-/// A certificate authority made for this test run.
+/// A certificate authority made for this test run: the demo's own
+/// (`token_injector::demo::pki::Ca`), so fixtures and demo share one PKI.
 pub struct Pki {
-    issuer: CertifiedIssuer<'static, KeyPair>,
+    ca: token_injector::demo::pki::Ca,
     pub ca_pem: String,
 }
 
 impl Pki {
     pub fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "token-injector test CA");
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        let ca_pem = issuer.pem();
-        Self { issuer, ca_pem }
+        let ca = token_injector::demo::pki::Ca::new("token-injector test CA").unwrap();
+        let ca_pem = ca.pem().to_owned();
+        Self { ca, ca_pem }
     }
 
     /// A server config for `localhost` that requires a client certificate
@@ -80,32 +75,13 @@ impl Pki {
 
     /// A server config with a leaf for `names`, offering HTTP/1.1.
     pub fn server_config(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
-        let params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], key_der)
-        .unwrap();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Arc::new(config)
+        self.ca.server_config(names, &[b"http/1.1"]).unwrap()
     }
 
     /// A leaf certificate and its PKCS#8 key, both PEM, for `names`.
     pub fn leaf_pem(&self, names: &[&str]) -> (String, String) {
-        let params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
+        let leaf = self.ca.leaf(names).unwrap();
+        (leaf.cert_pem, leaf.key_pem)
     }
 
     pub fn write_ca(&self, dir: &std::path::Path) -> std::path::PathBuf {

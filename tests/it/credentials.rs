@@ -2,14 +2,12 @@
 //! static credentials from a file (`grant = "static"`), end to end through
 //! the proxy to a real TLS upstream that records what it saw.
 
-mod support;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::*;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use support::*;
 
 /// The headers of one request, in order.
 type Headers = Vec<(String, String)>;
