@@ -67,8 +67,8 @@ fn rejected(status: u16, retry_after: Option<Duration>) -> FetchError {
     }
 }
 
-fn tokens() -> config::Tokens {
-    // The defaults of `[tokens]`.
+/// The defaults of `[tokens]`.
+pub(super) fn tokens() -> config::Tokens {
     config::Tokens {
         request_timeout: secs(10.0),
         default_lifetime: secs(300.0),

@@ -518,17 +518,8 @@ mod tests {
 
     #[test]
     fn policy_rejects_bad_values() {
-        let mut t = config::Tokens {
-            request_timeout: secs(10.0),
-            default_lifetime: secs(300.0),
-            refresh_fraction: 0.75,
-            refresh_margin: secs(60.0),
-            expiry_skew: secs(5.0),
-            retry_initial: secs(0.5),
-            retry_max: secs(30.0),
-            retry_max_without_token: secs(2.0),
-            unauthorized_refresh_interval: secs(5.0),
-        };
+        // The defaults of `[tokens]`.
+        let mut t = super::super::lifecycle_tests::tokens();
         assert!(Policy::try_new(&t).is_ok());
         t.refresh_fraction = 1.0;
         assert!(Policy::try_new(&t).is_err());
