@@ -157,12 +157,11 @@ impl Schedule {
     ) -> Self {
         let mut ordinary = policy.retry_in(outage, jitter.0);
         let floor = retry_after.map_or(Duration::ZERO, |ra| ra.min(policy.retry_max));
-        if retry_after.is_none() {
-            if let Some(until) = usable_until {
-                // A short outage must not outlast the token in hand just
-                // because the backoff overshot its end.
-                ordinary = before_unusable(ordinary, until, now, policy.retry_initial);
-            }
+        if let Some(until) = usable_until {
+            // A short outage must not outlast the token in hand just
+            // because the backoff overshot its end (a Retry-After still
+            // holds: the floor below).
+            ordinary = before_unusable(ordinary, until, now, policy.retry_initial);
         }
         let without_token = policy.retry_in_without_token(jitter.1).min(ordinary);
         Self {
@@ -487,6 +486,13 @@ mod tests {
                 usable_for: None,
                 retry_after: Some(3600.0),
                 want: (30.0, 30.0, 30.0),
+            },
+            Case {
+                what: "a short Retry-After does not stop the bring-forward",
+                outage: 600.0,
+                usable_for: Some(5.0),
+                retry_after: Some(1.0),
+                want: (4.5, 2.0, 1.0),
             },
             Case {
                 what: "Retry-After wins over the token running out",

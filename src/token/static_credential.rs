@@ -29,15 +29,16 @@ pub async fn run(store: Arc<Store>, file: PathBuf, observe: impl Observe) {
     let mut loaded: Option<Option<FileStamp>> = None;
     // Failed reads in a row, for the failure gauge and its alert.
     let mut failures: u32 = 0;
+    let mut polled = true;
     loop {
         let stamp = FileStamp::of(&file);
         // An upstream 401 drops the credential from the store: put it back
         // (after a fresh read), since there is nothing else to fetch.
-        let dropped = store.current().is_none();
+        let dropped = store.fetch_requested() && store.current().is_none();
         // While reads fail, every poll tries again (the file may become
         // readable without its metadata changing, e.g. a permission fix).
         let changed = loaded != Some(stamp);
-        if changed || dropped || failures > 0 {
+        if changed || dropped || (failures > 0 && polled) {
             store.begin_fetch();
             let read = source
                 .read()
@@ -81,9 +82,13 @@ pub async fn run(store: Arc<Store>, file: PathBuf, observe: impl Observe) {
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(POLL) => {}
-            _ = store.woken() => {}
-        }
+        // A wake is a request finding no credential, or an upstream 401
+        // dropping it: only the latter (seen as `dropped` above) reads the
+        // file at once; failed reads are retried once per poll, never per
+        // request.
+        polled = tokio::select! {
+            _ = tokio::time::sleep(POLL) => true,
+            _ = store.woken() => false,
+        };
     }
 }

@@ -120,12 +120,16 @@ impl Store {
         }
         // Only requests that find no usable token get here: tell the task
         // that someone is waiting, so its retries come sooner.
-        self.waiting.store(true, Ordering::Release);
+        let first_waiting = !self.waiting.swap(true, Ordering::AcqRel);
         if !self.fetching.load(Ordering::Acquire) {
             if self.backing_off.load(Ordering::Acquire) {
-                // The endpoint is failing: answer now; the wake lets the task
-                // bring its next retry forward (never past a Retry-After).
-                self.wake.notify_one();
+                // The endpoint is failing: answer now. The first such request
+                // since the last attempt wakes the task to bring its next
+                // retry forward (never past a Retry-After); later ones could
+                // not move it again.
+                if first_waiting {
+                    self.wake.notify_one();
+                }
                 return Err(self.unavailable());
             }
             self.wake.notify_one();

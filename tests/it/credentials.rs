@@ -180,6 +180,7 @@ profile = "p"
 async fn static_profiles_are_checked_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("empty"), "\n").unwrap();
+    std::fs::write(dir.path().join("two-newlines"), "key\n\n").unwrap();
     for (profile, says) in [
         ("grant = \"static\"", "profiles.p.credential_file: missing"),
         (
@@ -193,6 +194,10 @@ async fn static_profiles_are_checked_naming_the_key() {
         (
             "grant = \"static\"\ncredential_file = \"empty\"\ntoken_url = \"https://idp.test/t\"",
             "profiles.p.token_url: not used by grant \"static\"",
+        ),
+        (
+            "grant = \"static\"\ncredential_file = \"two-newlines\"",
+            "profiles.p.credential_file: holds characters that cannot go in a header",
         ),
         (
             "grant = \"magic\"",

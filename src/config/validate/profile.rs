@@ -88,9 +88,20 @@ impl Validator<'_> {
         };
         let credential_file = self.path(file);
         // Read now, so `check` says what is wrong with the file.
-        if let Err(e) = secret::Source::File(credential_file.clone()).read() {
-            self.problem(key("credential_file"), e.to_string());
-            return None;
+        match secret::Source::File(credential_file.clone()).read() {
+            Err(e) => {
+                self.problem(key("credential_file"), e.to_string());
+                return None;
+            }
+            // It goes into a header as it is (one trailing newline trimmed).
+            Ok(v) if http::HeaderValue::from_str(v.expose()).is_err() => {
+                self.problem(
+                    key("credential_file"),
+                    "holds characters that cannot go in a header (a second trailing newline, a CR, a control character)",
+                );
+                return None;
+            }
+            Ok(_) => {}
         }
         Some(Static {
             name: name.to_owned(),
