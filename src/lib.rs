@@ -23,6 +23,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod cache;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;

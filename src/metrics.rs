@@ -23,6 +23,7 @@ pub struct Metrics {
     registry: Registry,
     pub tokens: TokenMetrics,
     pub proxy: ProxyMetrics,
+    pub cache: CacheMetrics,
     pub config_reloads: IntCounterVec,
 }
 
@@ -31,6 +32,7 @@ impl Metrics {
         let registry = Registry::new();
         let tokens = TokenMetrics::register(&registry);
         let proxy = ProxyMetrics::register(&registry);
+        let cache = CacheMetrics::register(&registry);
         let config_reloads = IntCounterVec::new(
             Opts::new(
                 "token_injector_config_reloads_total",
@@ -62,6 +64,7 @@ impl Metrics {
             registry,
             tokens,
             proxy,
+            cache,
             config_reloads,
         }
     }
@@ -123,6 +126,106 @@ fn remove_series_with(vec: &IntCounterVec, name: &str, value: &str) {
                 let _ = vec.remove(&labels);
             }
         }
+    }
+}
+
+/// Redis operations are bounded by `cache.operation_timeout` (250 ms by
+/// default): from 100 µs on loopback to a few seconds.
+const REDIS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// The shared token cache (`[cache]`, Redis). Series appear once a profile
+/// shares; `token_injector_shared_cache_up` once `[cache]` is configured.
+#[derive(Clone)]
+pub struct CacheMetrics {
+    registry: Registry,
+    reads: IntCounterVec,
+    fallbacks: IntCounterVec,
+    leases: IntCounterVec,
+    errors: IntCounterVec,
+    operations: HistogramVec,
+    up: IntGauge,
+    up_registered: std::sync::Arc<OnceLock<()>>,
+}
+
+impl CacheMetrics {
+    fn register(r: &Registry) -> Self {
+        Self {
+            registry: r.clone(),
+            reads: counter_vec(
+                r,
+                "token_injector_shared_cache_reads_total",
+                "Reads of a profile's shared cache entry, by result (hit, miss, stale, undecryptable, error).",
+                &["profile", "result"],
+            ),
+            fallbacks: counter_vec(
+                r,
+                "token_injector_shared_cache_fallbacks_total",
+                "Token fetches made alone because the shared cache (Redis) could not be used.",
+                &["profile"],
+            ),
+            leases: counter_vec(
+                r,
+                "token_injector_shared_cache_leases_total",
+                "Renewal leases, by outcome: won (this replica fetched), waited (another replica's token was adopted), taken_over (the holder's lease expired).",
+                &["profile", "outcome"],
+            ),
+            errors: counter_vec(
+                r,
+                "token_injector_shared_cache_errors_total",
+                "Failed Redis operations, by kind (timeout, connect, auth, readonly, response, other).",
+                &["kind"],
+            ),
+            operations: histogram_vec(
+                r,
+                "token_injector_shared_cache_operation_duration_seconds",
+                "Duration of Redis operations, by operation (get, set, lease, release, delete), failed ones included.",
+                &["op"],
+                REDIS_BUCKETS,
+            ),
+            up: IntGauge::new(
+                "token_injector_shared_cache_up",
+                "1 while the last Redis operation succeeded, 0 while sharing is degraded and replicas fetch alone.",
+            )
+            .expect("valid metric"),
+            up_registered: Default::default(),
+        }
+    }
+
+    /// Sets `token_injector_shared_cache_up`, registering it the first time.
+    pub fn set_up(&self, up: bool) {
+        self.up_registered.get_or_init(|| {
+            let _ = self.registry.register(Box::new(self.up.clone()));
+        });
+        self.up.set(i64::from(up));
+    }
+
+    pub fn read(&self, profile: &str, result: &str) {
+        self.reads.with_label_values(&[profile, result]).inc();
+    }
+
+    pub fn fallback(&self, profile: &str) {
+        self.fallbacks.with_label_values(&[profile]).inc();
+    }
+
+    pub fn lease(&self, profile: &str, outcome: &str) {
+        self.leases.with_label_values(&[profile, outcome]).inc();
+    }
+
+    pub fn error(&self, kind: &str) {
+        self.errors.with_label_values(&[kind]).inc();
+    }
+
+    pub fn operation(&self, op: &str, seconds: f64) {
+        self.operations.with_label_values(&[op]).observe(seconds);
+    }
+
+    /// Drops the series of a profile removed by a reload.
+    pub fn forget(&self, profile: &str) {
+        let _ = self.fallbacks.remove_label_values(&[profile]);
+        remove_series_with(&self.reads, "profile", profile);
+        remove_series_with(&self.leases, "profile", profile);
     }
 }
 
@@ -232,6 +335,13 @@ impl ProfileMetrics {
     pub fn fetched(&self, seconds: f64, expires_unix: f64) {
         self.success.inc();
         self.duration.observe(seconds);
+        self.expiry.set(expires_unix);
+        self.consecutive_failures.set(0);
+    }
+
+    /// A token adopted from the shared cache: not a request to the
+    /// authorization server, so only the expiry and failure gauges move.
+    pub fn adopted(&self, expires_unix: f64) {
         self.expiry.set(expires_unix);
         self.consecutive_failures.set(0);
     }

@@ -139,6 +139,40 @@ impl FileStamp {
     }
 }
 
+/// Reads a 32-byte key (AES-256) from `path`: exactly 32 bytes as they are,
+/// or their standard base64 encoding with one optional trailing newline
+/// (what `openssl rand -base64 32` writes). The error says which form was
+/// expected, never what the file holds.
+pub fn read_key32(path: &Path) -> Result<Zeroizing<[u8; 32]>, String> {
+    use base64::Engine as _;
+    let bytes = Zeroizing::new(
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+    );
+    let mut key = Zeroizing::new([0u8; 32]);
+    if bytes.len() == 32 {
+        key.copy_from_slice(&bytes);
+        return Ok(key);
+    }
+    let text = bytes
+        .strip_suffix(b"\r\n")
+        .or_else(|| bytes.strip_suffix(b"\n"))
+        .unwrap_or(&bytes[..]);
+    let decoded = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .unwrap_or_default(),
+    );
+    if decoded.len() != 32 {
+        return Err(format!(
+            "{} holds {} bytes; expected exactly 32 bytes, or their base64 encoding (openssl rand -base64 32)",
+            path.display(),
+            bytes.len()
+        ));
+    }
+    key.copy_from_slice(&decoded);
+    Ok(key)
+}
+
 /// Removes one trailing `\n` or `\r\n`, nothing more: a secret may end in
 /// spaces on purpose.
 pub fn trim_one_newline(s: &str) -> &str {
@@ -203,6 +237,42 @@ mod tests {
         assert_eq!(format!("{s:?}"), "Secret([redacted])");
         assert_eq!(format!("{s}"), "[redacted]");
         assert!(!format!("{s:?}{s}").contains("hunter2"));
+    }
+
+    #[test]
+    fn key32_raw_or_base64() {
+        use base64::Engine as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let raw: Vec<u8> = (0u8..32).collect();
+        std::fs::write(&path, &raw).unwrap();
+        assert_eq!(&read_key32(&path).unwrap()[..], &raw[..]);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&raw);
+        std::fs::write(&path, format!("{b64}\n")).unwrap();
+        assert_eq!(&read_key32(&path).unwrap()[..], &raw[..]);
+        std::fs::write(&path, &b64).unwrap();
+        assert_eq!(&read_key32(&path).unwrap()[..], &raw[..]);
+        for bad in [
+            &b"short"[..],
+            &[7u8; 33][..],
+            b"!!!not base64 at all, 44 characters long!!",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let e = read_key32(&path).unwrap_err();
+            assert!(e.contains("expected exactly 32 bytes"), "{e}");
+        }
+        // 16 bytes of base64 is not a 32-byte key.
+        std::fs::write(
+            &path,
+            base64::engine::general_purpose::STANDARD.encode([1u8; 16]),
+        )
+        .unwrap();
+        assert!(read_key32(&path).is_err());
+        assert!(
+            read_key32(&dir.path().join("missing"))
+                .unwrap_err()
+                .contains("cannot read")
+        );
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub enum StartError {
     TokenClient(#[from] token::client::BuildError),
     #[error("tokens: {0}")]
     Policy(String),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::BuildError),
 }
 
 impl From<profiles::Error> for StartError {
@@ -49,6 +51,7 @@ impl From<profiles::Error> for StartError {
         match e {
             profiles::Error::Client(e) => StartError::TokenClient(e),
             profiles::Error::Policy(p) => StartError::Policy(p),
+            profiles::Error::Cache(e) => StartError::Cache(e),
         }
     }
 }
@@ -80,7 +83,9 @@ struct Prepared {
 impl State {
     /// Builds `config` beside what runs now, reusing unchanged profiles.
     fn prepare(&self, config: &Config, metrics: &Metrics) -> Result<Prepared, StartError> {
-        let tokens = self.profiles.prepare(config, &metrics.tokens)?;
+        let tokens = self
+            .profiles
+            .prepare(config, &metrics.tokens, &metrics.cache)?;
         let proxy = proxy::Proxy::build(config, tokens.stores(), &metrics.proxy)?;
         let bound = self.listeners.prepare(config)?;
         Ok(Prepared {
@@ -193,7 +198,9 @@ impl Running {
         // At start and at every reload: secret files others may read.
         secret::warn_exposed(&config.secret_files());
         let mut state = lock(&self.state);
-        let stores = state.profiles.commit(tokens, &self.metrics.tokens);
+        let stores = state
+            .profiles
+            .commit(tokens, &self.metrics.tokens, &self.metrics.cache);
         if let Some(proxy) = proxy {
             self.proxy.store(Arc::new(proxy));
         }

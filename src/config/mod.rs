@@ -26,8 +26,9 @@ use std::path::Path;
 pub use error::{Error, Problem};
 pub use load::ENV_PREFIX;
 pub use types::{
-    Admin, BasicEncoding, ClientAuth, ClientCert, Config, Endpoint, GRANTS, METHODS, Profile,
-    Proxy, Route, Static, Tokens, Unmatched, Upstream, UpstreamProtocol, UpstreamTarget,
+    Admin, BasicEncoding, Cache, CacheMode, ClientAuth, ClientCert, Config, Endpoint, GRANTS,
+    METHODS, Profile, Proxy, RedisTarget, Route, Static, Tokens, Unmatched, Upstream,
+    UpstreamProtocol, UpstreamTarget,
 };
 
 /// Loads `path` with overrides from the process environment.

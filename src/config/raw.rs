@@ -21,6 +21,23 @@ pub struct Raw {
     pub profiles: BTreeMap<String, RawProfile>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    pub cache: Option<RawCache>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub redis_url: Option<String>,
+    pub sentinels: Option<Vec<String>>,
+    pub master_name: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<String>,
+    pub ca_file: Option<String>,
+    pub client_cert_file: Option<String>,
+    pub client_key_file: Option<String>,
+    pub encryption_key_file: Option<String>,
+    pub key_prefix: Option<String>,
+    pub operation_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,6 +93,7 @@ pub struct RawUpstream {
 #[serde(deny_unknown_fields)]
 pub struct RawProfile {
     pub grant: Option<String>,
+    pub cache: Option<String>,
     pub credential_file: Option<String>,
     pub token_url: Option<String>,
     pub issuer: Option<String>,

@@ -27,6 +27,43 @@ pub struct Config {
     /// Profiles with `grant = "static"`: a credential from a file.
     pub statics: BTreeMap<String, Static>,
     pub routes: Vec<Route>,
+    /// `[cache]`: tokens shared by a fleet through Redis.
+    pub cache: Option<Cache>,
+}
+
+/// `[cache]`: where the fleet's shared tokens live and how to reach them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cache {
+    pub target: RedisTarget,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// TLS to Redis: `rediss://`, or Sentinel with `ca_file` set.
+    pub tls: bool,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<ClientCert>,
+    pub encryption_key_file: PathBuf,
+    pub key_prefix: String,
+    pub operation_timeout: Duration,
+}
+
+/// A Redis server, or a master found through Sentinel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RedisTarget {
+    /// `redis://` or `rediss://host:port/db`, without user information.
+    Url(url::Url),
+    Sentinel {
+        /// `host:port` of each sentinel.
+        sentinels: Vec<(String, u16)>,
+        master_name: String,
+        db: i64,
+    },
+}
+
+/// Per profile: whether its tokens are shared through `[cache]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    Shared,
+    Local,
 }
 
 /// A profile whose credential is a file's content, attached as is: an API
@@ -125,6 +162,8 @@ pub struct Profile {
     pub extra_params: Vec<(String, String)>,
     pub token_headers: Vec<(HeaderName, HeaderValue)>,
     pub basic_encoding: BasicEncoding,
+    /// `Shared` only when `[cache]` exists.
+    pub cache: CacheMode,
 }
 
 /// Where the token endpoint is.
@@ -293,6 +332,18 @@ impl Config {
                 format!("profiles.{name}.credential_file"),
                 s.credential_file.clone(),
             ));
+        }
+        if let Some(cache) = &self.cache {
+            out.push((
+                "cache.encryption_key_file".into(),
+                cache.encryption_key_file.clone(),
+            ));
+            if let Some(p) = &cache.password_file {
+                out.push(("cache.password_file".into(), p.clone()));
+            }
+            if let Some(cert) = &cache.client_cert {
+                out.push(("cache.client_key_file".into(), cert.key_file.clone()));
+            }
         }
         for (i, route) in self.routes.iter().enumerate() {
             if let Some(cert) = &route.client_cert {

@@ -34,7 +34,7 @@ struct Scripted {
 }
 
 impl Source for Scripted {
-    async fn fetch(&self) -> Result<Parsed, FetchError> {
+    async fn fetch(&self, _: super::source::Attempt) -> Result<Parsed, FetchError> {
         let t = self.start.elapsed();
         let n = {
             let mut a = self.attempts.lock().unwrap();
@@ -46,11 +46,13 @@ impl Source for Scripted {
                 access_token: Secret::new(format!("tok-{n}")),
                 lifetime,
                 scope: None,
+                issued: None,
             }),
             Answer::Same(lifetime) => Ok(Parsed {
                 access_token: Secret::new("tok-same".into()),
                 lifetime,
                 scope: None,
+                issued: None,
             }),
             Answer::Fail => Err(rejected(500, None)),
             Answer::RetryAfter(ra) => Err(rejected(429, Some(ra))),

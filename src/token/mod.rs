@@ -33,7 +33,7 @@ pub use client::Client;
 pub use observe::Observe;
 pub use refresh::Policy;
 pub use response::FetchError;
-pub use source::Source;
+pub use source::{Attempt, Source};
 pub use store::{Store, Unavailable};
 
 /// A usable credential (an access token, or a static one) with its header

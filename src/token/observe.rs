@@ -14,6 +14,9 @@ pub trait Observe: Send + Sync + 'static {
     fn fetched(&self, elapsed: Duration, token: &Token);
     /// The attempt failed; `consecutive` counts this run of failures.
     fn failed(&self, elapsed: Duration, error: &FetchError, consecutive: u32);
+    /// A token another replica fetched was adopted from the shared cache and
+    /// published: no request went to the authorization server.
+    fn adopted(&self, _token: &Token) {}
 }
 
 /// Observes nothing.
@@ -22,21 +25,28 @@ impl Observe for () {
     fn failed(&self, _: Duration, _: &FetchError, _: u32) {}
 }
 
+/// A static credential has no expiry: the gauge stays 0, which the expiry
+/// alert ignores.
+fn expires_unix(token: &Token) -> f64 {
+    if token.is_permanent() {
+        0.0
+    } else {
+        token
+            .expires_unix()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0)
+    }
+}
+
 /// `token_injector_token_fetch_*`, the expiry gauge and the failure gauge.
 impl Observe for crate::metrics::ProfileMetrics {
     fn fetched(&self, elapsed: Duration, token: &Token) {
-        // A static credential has no expiry: the gauge stays 0, which the
-        // expiry alert ignores.
-        let expires_unix = if token.is_permanent() {
-            0.0
-        } else {
-            token
-                .expires_unix()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0)
-        };
-        crate::metrics::ProfileMetrics::fetched(self, elapsed.as_secs_f64(), expires_unix);
+        crate::metrics::ProfileMetrics::fetched(self, elapsed.as_secs_f64(), expires_unix(token));
+    }
+
+    fn adopted(&self, token: &Token) {
+        crate::metrics::ProfileMetrics::adopted(self, expires_unix(token));
     }
 
     fn failed(&self, elapsed: Duration, error: &FetchError, consecutive: u32) {

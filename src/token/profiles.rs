@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use tokio::task::JoinHandle;
 
-use crate::config::{self, Config};
-use crate::metrics::TokenMetrics;
+use crate::cache;
+use crate::config::{self, CacheMode, Config};
+use crate::metrics::{CacheMetrics, TokenMetrics};
 
 use super::{Client, Policy, Store, client};
 
@@ -22,18 +23,22 @@ pub enum Error {
     Client(#[from] client::BuildError),
     #[error("tokens: {0}")]
     Policy(String),
+    #[error(transparent)]
+    Cache(#[from] cache::BuildError),
 }
 
 /// What a profile's credential depends on: equal settings keep the store.
+/// A shared profile depends on `[cache]` too.
 #[derive(Debug, Clone, PartialEq)]
 enum Settings {
-    Grant(Box<(config::Profile, config::Tokens)>),
+    Grant(Box<(config::Profile, config::Tokens, Option<config::Cache>)>),
     Static(config::Static),
 }
 
 /// How a (re)started profile gets its credential.
 enum Obtain {
     Grant(Arc<Client>),
+    Shared(Arc<cache::Shared<Client>>),
     Static(PathBuf),
 }
 
@@ -50,6 +55,8 @@ pub struct Prepared {
     start: Vec<(String, Settings, Arc<Store>, Obtain)>,
     /// The store of every profile in use, kept or new, for the routes.
     stores: BTreeMap<String, Arc<Store>>,
+    /// The Redis connection of `[cache]`, kept while `[cache]` is unchanged.
+    backend: Option<(config::Cache, Arc<cache::Backend>)>,
 }
 
 impl Prepared {
@@ -62,19 +69,36 @@ impl Prepared {
 #[derive(Default)]
 pub struct Profiles {
     running: HashMap<String, Running>,
+    backend: Option<(config::Cache, Arc<cache::Backend>)>,
 }
 
 impl Profiles {
     /// Builds the token side of `config` beside what runs, reusing the
     /// stores of unchanged profiles.
-    pub fn prepare(&self, config: &Config, metrics: &TokenMetrics) -> Result<Prepared, Error> {
+    pub fn prepare(
+        &self,
+        config: &Config,
+        metrics: &TokenMetrics,
+        cache_metrics: &CacheMetrics,
+    ) -> Result<Prepared, Error> {
         let policy = Policy::try_new(&config.tokens).map_err(Error::Policy)?;
         let mut start = Vec::new();
         let mut stores = BTreeMap::new();
         let mut http = client::HttpClients::new(config.tokens.request_timeout);
+        let shares = |p: &config::Profile| p.cache == CacheMode::Shared && config.cache.is_some();
+        let backend = match &config.cache {
+            Some(c) if config.profiles_in_use().any(shares) => Some(match &self.backend {
+                Some((kept, b)) if kept == c => (kept.clone(), Arc::clone(b)),
+                _ => (c.clone(), cache::Backend::new(c, cache_metrics.clone())?),
+            }),
+            _ => None,
+        };
         let wanted = config
             .profiles_in_use()
-            .map(|p| Settings::Grant(Box::new((p.clone(), config.tokens.clone()))))
+            .map(|p| {
+                let cache = config.cache.clone().filter(|_| shares(p));
+                Settings::Grant(Box::new((p.clone(), config.tokens.clone(), cache)))
+            })
             .chain(config.statics_in_use().cloned().map(Settings::Static));
         for settings in wanted {
             let name = match &settings {
@@ -90,11 +114,22 @@ impl Profiles {
                             .with_coalesced_counter(metrics.profile(&name).coalesced),
                     );
                     let obtain = match &settings {
-                        Settings::Grant(g) => Obtain::Grant(Arc::new(Client::new(
-                            &g.0,
-                            &mut http,
-                            policy.default_lifetime(),
-                        )?)),
+                        Settings::Grant(g) => {
+                            let client =
+                                Arc::new(Client::new(&g.0, &mut http, policy.default_lifetime())?);
+                            match (&g.2, &backend) {
+                                (Some(_), Some((_, b))) => {
+                                    Obtain::Shared(Arc::new(cache::Shared::new(
+                                        client,
+                                        Arc::clone(b),
+                                        &g.0,
+                                        config.tokens.request_timeout,
+                                        policy.clone(),
+                                    )))
+                                }
+                                _ => Obtain::Grant(client),
+                            }
+                        }
                         Settings::Static(s) => Obtain::Static(s.credential_file.clone()),
                     };
                     start.push((name.clone(), settings, Arc::clone(&store), obtain));
@@ -107,12 +142,19 @@ impl Profiles {
             policy,
             start,
             stores,
+            backend,
         })
     }
 
     /// Stops the tasks of profiles no longer in use or rebuilt, and starts
     /// the new ones. Returns the stores of the profiles now in use.
-    pub fn commit(&mut self, prepared: Prepared, metrics: &TokenMetrics) -> Vec<Arc<Store>> {
+    pub fn commit(
+        &mut self,
+        prepared: Prepared,
+        metrics: &TokenMetrics,
+        cache_metrics: &CacheMetrics,
+    ) -> Vec<Arc<Store>> {
+        self.backend = prepared.backend;
         let removed: Vec<String> = self
             .running
             .keys()
@@ -127,6 +169,7 @@ impl Profiles {
                 p.task.abort();
                 if !prepared.stores.contains_key(&name) {
                     metrics.forget(&name);
+                    cache_metrics.forget(&name);
                 }
             }
         }
@@ -136,6 +179,12 @@ impl Profiles {
                 Obtain::Grant(client) => tokio::spawn(super::refresh::run(
                     Arc::clone(&store),
                     client,
+                    prepared.policy.clone(),
+                    profile_metrics,
+                )),
+                Obtain::Shared(shared) => tokio::spawn(super::refresh::run(
+                    Arc::clone(&store),
+                    shared,
                     prepared.policy.clone(),
                     profile_metrics,
                 )),

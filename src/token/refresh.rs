@@ -191,11 +191,20 @@ pub async fn run<S: Source, O: Observe>(
     let mut failures: u32 = 0;
     // When the first failed attempt of the current run ended.
     let mut outage_since: Option<Instant> = None;
+    // The last token published: if the store no longer has it, an upstream
+    // refused it.
+    let mut published: Option<Arc<Token>> = None;
     loop {
         store.begin_fetch();
+        let held = store.peek();
+        let attempt = super::Attempt {
+            refused: published.clone().filter(|_| held.is_none()),
+            held,
+        };
         let sent = Instant::now();
-        let result = source.fetch().await;
+        let result = source.fetch(attempt).await;
         let elapsed = sent.elapsed();
+        let mut adopted = false;
         match result.and_then(|parsed| {
             if parsed.lifetime < MIN_LIFETIME {
                 return Err(super::FetchError::InvalidResponse(format!(
@@ -203,11 +212,15 @@ pub async fn run<S: Source, O: Observe>(
                     parsed.lifetime
                 )));
             }
+            // A token adopted from the shared cache lives from when another
+            // replica fetched it.
+            adopted = parsed.issued.is_some();
+            let start = parsed.issued.unwrap_or(sent);
             let held = store.peek();
-            let lifetime = same_token_lifetime(held.as_deref(), &parsed, sent);
+            let lifetime = same_token_lifetime(held.as_deref(), &parsed, start);
             let mut token = Token::new(
                 &parsed.access_token,
-                sent,
+                start,
                 lifetime,
                 &policy,
                 fastrand::f64(),
@@ -228,16 +241,29 @@ pub async fn run<S: Source, O: Observe>(
                 failures = 0;
                 outage_since = None;
                 let next = token.refresh_at();
-                tracing::info!(
-                    profile = %store.profile(),
-                    duration_ms = elapsed.as_millis() as u64,
-                    lifetime_s = lifetime.as_secs_f64(),
-                    renew_in_s = next.saturating_duration_since(Instant::now()).as_secs_f64(),
-                    result = "success",
-                    "token fetched"
-                );
-                observe.fetched(elapsed, &token);
-                store.publish(Arc::new(token));
+                let renew_in_s = next.saturating_duration_since(Instant::now()).as_secs_f64();
+                if adopted {
+                    tracing::info!(
+                        profile = %store.profile(),
+                        lifetime_s = lifetime.as_secs_f64(),
+                        renew_in_s,
+                        "token adopted from the shared cache"
+                    );
+                    observe.adopted(&token);
+                } else {
+                    tracing::info!(
+                        profile = %store.profile(),
+                        duration_ms = elapsed.as_millis() as u64,
+                        lifetime_s = lifetime.as_secs_f64(),
+                        renew_in_s,
+                        result = "success",
+                        "token fetched"
+                    );
+                    observe.fetched(elapsed, &token);
+                }
+                let token = Arc::new(token);
+                published = Some(Arc::clone(&token));
+                store.publish(token);
                 until_renewal(&store, next).await;
             }
             Err(error) => {

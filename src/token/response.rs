@@ -18,6 +18,10 @@ pub struct Parsed {
     /// How long the token lives from when the request was sent.
     pub lifetime: Duration,
     pub scope: Option<String>,
+    /// When the token was issued, if before this attempt: a token adopted
+    /// from the shared cache, whose `lifetime` counts from then. `None`: it
+    /// counts from when the request was sent.
+    pub issued: Option<tokio::time::Instant>,
 }
 
 /// Why a token request failed. Never holds a secret or a token.
@@ -186,6 +190,7 @@ pub fn parse(
         access_token: Secret::new(token.clone()),
         lifetime,
         scope,
+        issued: None,
     })
 }
 

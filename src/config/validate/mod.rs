@@ -7,8 +7,9 @@
 //! addresses, counts, paths, files, URLs) are here; each section has its own
 //! file: [`proxy`] (`[proxy]`, `[admin]`), [`tokens`], [`upstream`],
 //! [`profile`] (`[profiles.*]`: grants and client authentication) and
-//! [`route`] (`[[routes]]`).
+//! [`route`] (`[[routes]]`) and [`cache`] (`[cache]`, the fleet's Redis).
 
+mod cache;
 mod profile;
 mod proxy;
 mod route;
@@ -67,11 +68,15 @@ impl Validator<'_> {
         let admin = self.admin(raw.admin);
         let tokens = self.tokens(raw.tokens);
         let upstream = self.upstream(raw.upstream);
+        // Whether `[cache]` exists, even with problems of its own: profiles
+        // are checked against that, not against whether it validated.
+        let has_cache = raw.cache.is_some();
 
         // Routes are checked against the declared names, so a profile with
         // its own problems does not also fail every route that uses it.
         let declared: Vec<String> = raw.profiles.keys().cloned().collect();
-        let (profiles, statics) = self.profiles(raw.profiles);
+        let cache = raw.cache.and_then(|c| self.cache(c));
+        let (profiles, statics) = self.profiles(raw.profiles, has_cache);
         let (routes, route_listens) = self.routes(raw.routes, &declared, &proxy.connect_allow);
 
         // Every listener address must be distinct (port 0 asks for any port).
@@ -97,6 +102,7 @@ impl Validator<'_> {
             profiles,
             statics,
             routes,
+            cache,
         })
     }
 

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use http::{HeaderName, HeaderValue};
 
 use crate::config::raw::RawProfile;
-use crate::config::{BasicEncoding, ClientAuth, Endpoint, GRANTS, METHODS, Profile, Static};
+use crate::config::{
+    BasicEncoding, CacheMode, ClientAuth, Endpoint, GRANTS, METHODS, Profile, Static,
+};
 use crate::keys::{Alg, SigningKey};
 use crate::secret;
 
@@ -18,6 +20,7 @@ impl Validator<'_> {
     pub(super) fn profiles(
         &mut self,
         raw: BTreeMap<String, RawProfile>,
+        has_cache: bool,
     ) -> (BTreeMap<String, Profile>, BTreeMap<String, Static>) {
         let mut profiles = BTreeMap::new();
         let mut statics = BTreeMap::new();
@@ -30,7 +33,9 @@ impl Validator<'_> {
                             "only used with grant = \"static\"",
                         );
                     }
-                    if let Some(profile) = self.profile(&name, p) {
+                    let cache = self.cache_mode(&name, p.cache.as_deref(), has_cache);
+                    if let Some(mut profile) = self.profile(&name, p) {
+                        profile.cache = cache;
                         profiles.insert(name, profile);
                     }
                 }
@@ -70,6 +75,7 @@ impl Validator<'_> {
             ("extra_params", p.extra_params.is_some()),
             ("token_headers", p.token_headers.is_some()),
             ("basic_encoding", p.basic_encoding.is_some()),
+            ("cache", p.cache.is_some()),
         ];
         for (k, set) in unused {
             if set {
@@ -107,6 +113,27 @@ impl Validator<'_> {
             name: name.to_owned(),
             credential_file,
         })
+    }
+
+    /// `cache`: `"shared"` (the default when `[cache]` exists) or `"local"`.
+    fn cache_mode(&mut self, name: &str, value: Option<&str>, has_cache: bool) -> CacheMode {
+        let key = format!("profiles.{name}.cache");
+        match value {
+            None if has_cache => CacheMode::Shared,
+            None | Some("local") => CacheMode::Local,
+            Some("shared") if has_cache => CacheMode::Shared,
+            Some("shared") => {
+                self.problem(
+                    key,
+                    "\"shared\" needs a [cache] table (the Redis to share through)",
+                );
+                CacheMode::Local
+            }
+            Some(other) => {
+                self.one_of(&key, other, &["shared", "local"]);
+                CacheMode::Local
+            }
+        }
     }
 
     fn secret_source(&mut self, name: &str, p: &RawProfile) -> Option<secret::Source> {
@@ -379,6 +406,7 @@ impl Validator<'_> {
             extra_params: p.extra_params.unwrap_or_default().into_iter().collect(),
             token_headers,
             basic_encoding,
+            cache: CacheMode::Local,
         })
         .filter(|_| ok)
     }

@@ -115,7 +115,7 @@ impl Validator<'_> {
             }
         };
         let client_cert = self.client_cert(
-            i,
+            &format!("routes[{i}]"),
             r.client_cert_file.as_deref(),
             r.client_key_file.as_deref(),
         );
@@ -174,16 +174,16 @@ impl Validator<'_> {
         Some(parsed)
     }
 
-    /// A route's `client_cert_file` and `client_key_file`: both or
-    /// neither, readable, and a key that fits the certificate. `Err` when
-    /// a problem was reported.
-    fn client_cert(
+    /// A `client_cert_file` and `client_key_file` (of a route, or of
+    /// `[cache]`: `section`): both or neither, readable, and a key that fits
+    /// the certificate. `Err` when a problem was reported.
+    pub(super) fn client_cert(
         &mut self,
-        i: usize,
+        section: &str,
         cert: Option<&str>,
         key_file: Option<&str>,
     ) -> Result<Option<ClientCert>, ()> {
-        let key = |k: &str| format!("routes[{i}].{k}");
+        let key = |k: &str| format!("{section}.{k}");
         match (cert, key_file) {
             (None, None) => Ok(None),
             (Some(c), Some(k)) => {
@@ -207,14 +207,14 @@ impl Validator<'_> {
             (Some(_), None) => {
                 self.problem(
                     key("client_key_file"),
-                    "missing; mutual TLS to the upstream needs client_cert_file and client_key_file",
+                    "missing; mutual TLS needs client_cert_file and client_key_file",
                 );
                 Err(())
             }
             (None, Some(_)) => {
                 self.problem(
                     key("client_cert_file"),
-                    "missing; mutual TLS to the upstream needs client_cert_file and client_key_file",
+                    "missing; mutual TLS needs client_cert_file and client_key_file",
                 );
                 Err(())
             }

@@ -1,0 +1,47 @@
+//! The token cache a fleet of replicas shares through Redis (`[cache]`).
+//!
+//! A layer, not a change to the refresh loop: [`Shared`] is a token
+//! [`crate::token::Source`] wrapped around the grant client. The loop still
+//! decides when to renew; the layer decides whether renewing means adopting
+//! another replica's token or fetching one for the fleet. Requests never
+//! reach this module: they read the local store, as without `[cache]`.
+//!
+//! - [`entry`]: the entry's name and its encrypted value;
+//! - [`redis`]: the connection, timeouts, error kinds and the up/down state;
+//! - [`shared`]: the read / lease / fetch / write flow per profile.
+
+pub mod entry;
+pub mod redis;
+pub mod shared;
+
+use std::sync::Arc;
+
+pub use redis::BuildError;
+pub use shared::{Backend, Shared};
+
+use crate::config;
+use crate::metrics::CacheMetrics;
+
+impl Backend {
+    /// The connection, keys and lease id for `[cache]`; connects nothing.
+    pub fn new(c: &config::Cache, metrics: CacheMetrics) -> Result<Arc<Self>, BuildError> {
+        let key = crate::secret::read_key32(&c.encryption_key_file).map_err(|message| {
+            BuildError::File {
+                key: "encryption_key_file",
+                message,
+            }
+        })?;
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unknown".to_owned());
+        Ok(Arc::new(Self {
+            redis: redis::Redis::new(c, metrics.clone())?,
+            keys: entry::Keys::new(&key),
+            metrics,
+            prefix: c.key_prefix.clone(),
+            node: format!("{host}:{}", std::process::id()),
+        }))
+    }
+}

@@ -1,0 +1,324 @@
+//! The connection to Redis (a server, or the master Sentinel names): made
+//! on first use, reused by every profile (one multiplexed connection), and
+//! dropped after a connection-level error so the next operation reconnects
+//! (and, with Sentinel, asks again who the master is). Every operation is
+//! bounded by `cache.operation_timeout`; none is on the request path.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
+use redis::{ClientTlsConfig, ErrorKind, RedisError, TlsCertificates};
+use tokio::sync::Mutex;
+
+use crate::config::{self, RedisTarget};
+use crate::metrics::CacheMetrics;
+
+/// Compare-and-delete: removes KEYS[1] only while it holds ARGV[1] (a
+/// lease we own, an entry holding a refused token).
+const DELETE_IF_EQUAL: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
+/// Why the config's `[cache]` cannot be used at all (bad files). Redis being
+/// down is not one: that is a fallback at run time.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cache.{key}: {message}")]
+    File { key: &'static str, message: String },
+    #[error("cache: {0}")]
+    Client(String),
+}
+
+/// A failed Redis operation. Its text is the client's, which never holds
+/// the password or a value.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind} error from Redis: {message}")]
+pub struct OpError {
+    pub kind: &'static str,
+    pub message: String,
+}
+
+enum Target {
+    Server(Client),
+    Sentinel(Mutex<redis::sentinel::SentinelClient>),
+}
+
+/// Sharing state, for "log once per state change".
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+pub struct Redis {
+    target: Target,
+    conn: Mutex<Option<MultiplexedConnection>>,
+    timeout: Duration,
+    metrics: CacheMetrics,
+    state: AtomicU8,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redis").finish_non_exhaustive()
+    }
+}
+
+fn file(key: &'static str, path: &std::path::Path) -> Result<Vec<u8>, BuildError> {
+    std::fs::read(path).map_err(|e| BuildError::File {
+        key,
+        message: format!("cannot read {}: {e}", path.display()),
+    })
+}
+
+impl Redis {
+    /// Builds the client; connects nothing yet.
+    pub fn new(c: &config::Cache, metrics: CacheMetrics) -> Result<Self, BuildError> {
+        // redis-rs builds its rustls config with the process default provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let password = match &c.password_file {
+            Some(p) => Some(crate::secret::Source::File(p.clone()).read().map_err(|e| {
+                BuildError::File {
+                    key: "password_file",
+                    message: e.to_string(),
+                }
+            })?),
+            None => None,
+        };
+        let certificates = if c.tls {
+            Some(TlsCertificates {
+                client_tls: match &c.client_cert {
+                    Some(cert) => Some(ClientTlsConfig {
+                        client_cert: file("client_cert_file", &cert.cert_file)?,
+                        client_key: file("client_key_file", &cert.key_file)?,
+                    }),
+                    None => None,
+                },
+                root_cert: match &c.ca_file {
+                    Some(p) => Some(file("ca_file", p)?),
+                    None => None,
+                },
+            })
+        } else {
+            None
+        };
+        let client_error = |e: RedisError| BuildError::Client(e.to_string());
+        let target = match &c.target {
+            RedisTarget::Url(url) => {
+                let mut info: ConnectionInfo =
+                    url.as_str().into_connection_info().map_err(client_error)?;
+                let mut settings = info.redis_settings().clone();
+                if let Some(user) = &c.username {
+                    settings = settings.set_username(user);
+                }
+                if let Some(p) = &password {
+                    settings = settings.set_password(p.expose());
+                }
+                info = info.set_redis_settings(settings);
+                let client = match certificates {
+                    Some(certs) => Client::build_with_tls(info, certs),
+                    None => Client::open(info),
+                }
+                .map_err(client_error)?;
+                Target::Server(client)
+            }
+            RedisTarget::Sentinel {
+                sentinels,
+                master_name,
+                db,
+            } => {
+                use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+                let addrs = sentinels
+                    .iter()
+                    .map(|(h, p)| ConnectionAddr::Tcp(h.clone(), *p));
+                let mut b =
+                    SentinelClientBuilder::new(addrs, master_name, SentinelServerType::Master)
+                        .map_err(client_error)?
+                        .set_client_to_redis_db(*db);
+                if let Some(user) = &c.username {
+                    b = b.set_client_to_redis_username(user);
+                }
+                if let Some(p) = &password {
+                    b = b.set_client_to_redis_password(p.expose());
+                }
+                if let Some(certs) = certificates {
+                    b = b
+                        .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+                        .set_client_to_redis_certificates(certs.clone())
+                        .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
+                        .set_client_to_sentinel_certificates(certs);
+                }
+                Target::Sentinel(Mutex::new(b.build().map_err(client_error)?))
+            }
+        };
+        Ok(Self {
+            target,
+            conn: Mutex::new(None),
+            timeout: c.operation_timeout,
+            metrics,
+            state: AtomicU8::new(UNKNOWN),
+        })
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = &*slot {
+            return Ok(c.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let connect = async {
+            match &self.target {
+                Target::Server(client) => {
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                }
+                Target::Sentinel(sentinel) => {
+                    sentinel
+                        .lock()
+                        .await
+                        .get_async_connection_with_config(&config)
+                        .await
+                }
+            }
+        };
+        // Connecting through Sentinel is two hops: give it twice the bound.
+        let conn = tokio::time::timeout(self.timeout * 2, connect)
+            .await
+            .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs one command, bounded by the operation timeout, and records it.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &redis::Cmd,
+    ) -> Result<T, OpError> {
+        let started = Instant::now();
+        let result = async {
+            let mut conn = self.connection().await?;
+            match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
+                Ok(r) => r,
+                Err(_) => Err(RedisError::from(std::io::Error::from(
+                    std::io::ErrorKind::TimedOut,
+                ))),
+            }
+        }
+        .await;
+        self.metrics.operation(op, started.elapsed().as_secs_f64());
+        match result {
+            Ok(v) => {
+                self.mark_up();
+                Ok(v)
+            }
+            Err(e) => {
+                let kind = kind(&e);
+                if !matches!(kind, "response") {
+                    // The connection may be dead, or point at a demoted
+                    // master: the next operation connects again.
+                    *self.conn.lock().await = None;
+                }
+                let error = OpError {
+                    kind,
+                    message: e.to_string(),
+                };
+                self.metrics.error(kind);
+                self.mark_down(&error);
+                Err(error)
+            }
+        }
+    }
+
+    fn mark_up(&self) {
+        if self.state.swap(UP, Ordering::AcqRel) != UP {
+            self.metrics.set_up(true);
+            tracing::info!("shared cache (Redis) available: tokens are shared with the fleet");
+        }
+    }
+
+    fn mark_down(&self, error: &OpError) {
+        if self.state.swap(DOWN, Ordering::AcqRel) != DOWN {
+            self.metrics.set_up(false);
+            tracing::warn!(
+                kind = error.kind,
+                error = %error,
+                "shared cache (Redis) unavailable: each replica fetches its own tokens until it answers"
+            );
+        }
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, OpError> {
+        self.run("get", redis::cmd("GET").arg(key)).await
+    }
+
+    /// `SET key value PX ttl`.
+    pub async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), OpError> {
+        let ms = ttl.as_millis().max(1) as u64;
+        self.run::<()>(
+            "set",
+            redis::cmd("SET").arg(key).arg(value).arg("PX").arg(ms),
+        )
+        .await
+    }
+
+    /// `SET key value NX PX ttl`: whether the lease was taken.
+    pub async fn lease(&self, key: &str, value: &str, ttl: Duration) -> Result<bool, OpError> {
+        let ms = ttl.as_millis().max(1) as u64;
+        let r: Option<String> = self
+            .run(
+                "lease",
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ms),
+            )
+            .await?;
+        Ok(r.is_some())
+    }
+
+    /// Deletes `key` if it still holds `value`; `op` names it in metrics.
+    pub async fn delete_if(
+        &self,
+        op: &'static str,
+        key: &str,
+        value: &[u8],
+    ) -> Result<bool, OpError> {
+        let n: i64 = self
+            .run(
+                op,
+                redis::cmd("EVAL")
+                    .arg(DELETE_IF_EQUAL)
+                    .arg(1)
+                    .arg(key)
+                    .arg(value),
+            )
+            .await?;
+        Ok(n == 1)
+    }
+}
+
+/// A bounded label for `token_injector_shared_cache_errors_total`.
+fn kind(e: &RedisError) -> &'static str {
+    if e.is_timeout() {
+        return "timeout";
+    }
+    match e.code() {
+        Some("WRONGPASS" | "NOAUTH" | "NOPERM") => return "auth",
+        Some("READONLY" | "MASTERDOWN") => return "readonly",
+        _ => {}
+    }
+    match e.kind() {
+        ErrorKind::AuthenticationFailed => "auth",
+        ErrorKind::Io => "connect",
+        ErrorKind::MasterNameNotFoundBySentinel
+        | ErrorKind::NoValidReplicasFoundBySentinel
+        | ErrorKind::EmptySentinelList => "connect",
+        ErrorKind::Server(_) => "response",
+        _ if e.is_connection_dropped() || e.is_connection_refusal() => "connect",
+        _ => "other",
+    }
+}

@@ -1,0 +1,259 @@
+//! [`Shared`]: a token [`Source`] in front of another (the grant client)
+//! that shares its tokens with the fleet through Redis. One fetch from the
+//! authorization server per renewal, fleet-wide:
+//!
+//! 1. read the entry: a usable token other than the one held (another
+//!    replica renewed) is adopted; an entry still holding a token an
+//!    upstream refused here is deleted (compare-and-delete);
+//! 2. otherwise take the lease (`SET NX PX`), fetch, write the entry,
+//!    release the lease (compare-and-delete);
+//! 3. a replica that loses the lease polls for the winner's entry, and
+//!    takes the lease over if it expires (the holder died), for at most
+//!    `tokens.request_timeout`;
+//! 4. any Redis error, at any step: fetch alone, as without `[cache]`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use crate::metrics::CacheMetrics;
+use crate::token::response::Parsed;
+use crate::token::{Attempt, FetchError, Policy, Source};
+
+use super::entry::{Keys, Opened};
+use super::redis::Redis;
+
+/// Losers poll for the winner's entry, starting this often…
+const POLL_FIRST: Duration = Duration::from_millis(25);
+/// …and slowing down to this.
+const POLL_MAX: Duration = Duration::from_millis(200);
+
+/// What a profile's layer shares with every other: the connection, keys,
+/// metrics, and this replica's lease id.
+pub struct Backend {
+    pub(super) redis: Redis,
+    pub(super) keys: Keys,
+    pub(super) metrics: CacheMetrics,
+    pub(super) prefix: String,
+    /// `host:pid:random`: who holds a lease, for an operator reading Redis.
+    pub(super) node: String,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("prefix", &self.prefix)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One profile's shared-cache layer over `inner`.
+pub struct Shared<S> {
+    inner: Arc<S>,
+    backend: Arc<Backend>,
+    profile: Arc<str>,
+    entry: String,
+    lease: String,
+    /// How long a lease lives and how long losers wait: a token request's
+    /// own bound, `tokens.request_timeout`.
+    lease_ttl: Duration,
+    policy: Policy,
+}
+
+/// What a read of the entry found.
+enum Read {
+    Hit(Parsed),
+    /// Nothing there.
+    Miss,
+    /// The token held, a refused one, or one no longer usable.
+    Stale,
+    Undecryptable,
+    Error,
+}
+
+impl<S: Source> Shared<S> {
+    pub fn new(
+        inner: Arc<S>,
+        backend: Arc<Backend>,
+        profile: &crate::config::Profile,
+        lease_ttl: Duration,
+        policy: Policy,
+    ) -> Self {
+        let id = backend.keys.entry_id(profile);
+        Self {
+            entry: format!("{}:token:{id}", backend.prefix),
+            lease: format!("{}:lease:{id}", backend.prefix),
+            inner,
+            backend,
+            profile: profile.name.as_str().into(),
+            lease_ttl,
+            policy,
+        }
+    }
+
+    /// The entry's Redis key (tests, logs).
+    pub fn entry_key(&self) -> &str {
+        &self.entry
+    }
+
+    async fn read(&self, attempt: &Attempt) -> Read {
+        let b = &self.backend;
+        let read = match b.redis.get(&self.entry).await {
+            Err(_) => Read::Error,
+            Ok(None) => Read::Miss,
+            Ok(Some(raw)) => match b.keys.open(&self.entry, &raw) {
+                Err(why) => {
+                    tracing::warn!(
+                        profile = %self.profile,
+                        entry = %self.entry,
+                        reason = %why,
+                        "shared cache entry ignored"
+                    );
+                    Read::Undecryptable
+                }
+                Ok(opened) => self.judge(opened, attempt, &raw).await,
+            },
+        };
+        let result = match &read {
+            Read::Hit(_) => "hit",
+            Read::Miss => "miss",
+            Read::Stale => "stale",
+            Read::Undecryptable => "undecryptable",
+            Read::Error => "error",
+        };
+        b.metrics.read(&self.profile, result);
+        read
+    }
+
+    /// Whether an opened entry holds a token to adopt.
+    async fn judge(&self, opened: Opened, attempt: &Attempt, raw: &[u8]) -> Read {
+        let token = opened.token.expose().as_bytes();
+        if let Some(refused) = &attempt.refused
+            && refused.value().as_bytes() == token
+        {
+            // An upstream refused it here: no replica should adopt it again.
+            // Only if it is still there: another may have renewed already.
+            let _ = self
+                .backend
+                .redis
+                .delete_if("delete", &self.entry, raw)
+                .await;
+            return Read::Stale;
+        }
+        if attempt.knows(token) {
+            // Nobody renewed yet: this replica's turn.
+            return Read::Stale;
+        }
+        // Its age on the wall clock (a future `issued`, from a replica whose
+        // clock runs ahead, counts as new), as an instant on ours.
+        let age = SystemTime::now()
+            .duration_since(opened.issued)
+            .unwrap_or(Duration::ZERO);
+        let now = Instant::now();
+        let (issued, lifetime) = match now.checked_sub(age) {
+            Some(issued) => (issued, opened.lifetime),
+            None => (now, opened.lifetime.saturating_sub(age)),
+        };
+        let usable_for = lifetime.saturating_sub(self.policy.skew(lifetime));
+        if issued + usable_for <= now + POLL_MAX || lifetime < crate::token::refresh::MIN_LIFETIME {
+            return Read::Stale;
+        }
+        Read::Hit(Parsed {
+            access_token: opened.token,
+            lifetime,
+            scope: None,
+            issued: Some(issued),
+        })
+    }
+
+    /// Fetches with the lease held, writes the entry, releases the lease.
+    async fn fetch_and_share(&self, attempt: Attempt, lease: &str) -> Result<Parsed, FetchError> {
+        let sent_wall = SystemTime::now();
+        let sent = Instant::now();
+        let result = self.inner.fetch(attempt).await;
+        let b = &self.backend;
+        if let Ok(parsed) = &result {
+            let left = parsed.lifetime.saturating_sub(sent.elapsed());
+            if !left.is_zero() {
+                let value = b.keys.seal(
+                    &self.entry,
+                    sent_wall,
+                    parsed.lifetime,
+                    parsed.access_token.expose(),
+                );
+                // The Redis TTL is the token's remaining life.
+                let _ = b.redis.set(&self.entry, &value, left).await;
+            }
+        }
+        let _ = b
+            .redis
+            .delete_if("release", &self.lease, lease.as_bytes())
+            .await;
+        result
+    }
+
+    /// Fetches without the fleet: Redis could not be used.
+    async fn alone(&self, attempt: Attempt) -> Result<Parsed, FetchError> {
+        self.backend.metrics.fallback(&self.profile);
+        self.inner.fetch(attempt).await
+    }
+}
+
+impl<S: Source> Source for Shared<S> {
+    async fn fetch(&self, attempt: Attempt) -> Result<Parsed, FetchError> {
+        let b = &self.backend;
+        match self.read(&attempt).await {
+            Read::Hit(parsed) => return Ok(parsed),
+            Read::Error => return self.alone(attempt).await,
+            Read::Miss | Read::Stale | Read::Undecryptable => {}
+        }
+        let lease = format!("{}:{:016x}", b.node, fastrand::u64(..));
+        match b.redis.lease(&self.lease, &lease, self.lease_ttl).await {
+            Err(_) => return self.alone(attempt).await,
+            Ok(true) => {
+                b.metrics.lease(&self.profile, "won");
+                return self.fetch_and_share(attempt, &lease).await;
+            }
+            Ok(false) => {}
+        }
+        // Another replica is fetching: wait for its entry, or for its
+        // lease to lapse if it died.
+        let deadline = Instant::now() + self.lease_ttl;
+        let mut pause = POLL_FIRST;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::info!(
+                    profile = %self.profile,
+                    waited_ms = self.lease_ttl.as_millis() as u64,
+                    "no shared token after waiting for the replica holding the lease; fetching alone"
+                );
+                return self.alone(attempt).await;
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 3 / 2).min(POLL_MAX);
+            match self.read(&attempt).await {
+                Read::Hit(parsed) => {
+                    b.metrics.lease(&self.profile, "waited");
+                    return Ok(parsed);
+                }
+                Read::Error => return self.alone(attempt).await,
+                Read::Miss | Read::Stale | Read::Undecryptable => {}
+            }
+            match b.redis.lease(&self.lease, &lease, self.lease_ttl).await {
+                Err(_) => return self.alone(attempt).await,
+                Ok(true) => {
+                    tracing::info!(
+                        profile = %self.profile,
+                        "the replica holding the renewal lease did not finish; taking it over"
+                    );
+                    b.metrics.lease(&self.profile, "taken_over");
+                    return self.fetch_and_share(attempt, &lease).await;
+                }
+                Ok(false) => {}
+            }
+        }
+    }
+}
