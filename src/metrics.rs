@@ -180,7 +180,7 @@ impl CacheMetrics {
             operations: histogram_vec(
                 r,
                 "token_injector_shared_cache_operation_duration_seconds",
-                "Duration of Redis operations, by operation (get, set, lease, release, delete), failed ones included.",
+                "Duration of Redis operations, by operation (get, set, lease, release, delete, ping, probe), failed ones included.",
                 &["op"],
                 REDIS_BUCKETS,
             ),

@@ -2,7 +2,8 @@
 //!
 //! The name is an HMAC of what makes two profiles interchangeable (token
 //! endpoint, client, auth method, scopes, audience, resources, extra
-//! params; never a secret), keyed by the encryption key, so identical
+//! params, token endpoint headers; never a secret), keyed by the encryption
+//! key, so identical
 //! profiles on every replica meet at one name and someone who reads Redis
 //! without the key cannot even confirm a guess of the client id.
 //!
@@ -159,6 +160,14 @@ fn identity(p: &Profile) -> String {
     resources.sort();
     let mut extra = p.extra_params.clone();
     extra.sort();
+    // Headers sent to the token endpoint can select a tenant or a key; the
+    // name is an HMAC, so a secret among them is not exposed by it.
+    let mut headers: Vec<(&str, &[u8])> = p
+        .token_headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .collect();
+    headers.sort();
     serde_json::json!([
         "v1",
         endpoint,
@@ -167,7 +176,8 @@ fn identity(p: &Profile) -> String {
         scopes,
         p.audience,
         resources,
-        extra
+        extra,
+        headers
     ])
     .to_string()
 }
@@ -204,6 +214,7 @@ mod tests {
             "scopes = [\"a\", \"b\"]\naudience = \"x\"",
             "scopes = [\"a\", \"b\"]\nextra_params = { tenant = \"t\" }",
             "scopes = [\"a\", \"b\"]\nauth_method = \"client_secret_post\"",
+            "scopes = [\"a\", \"b\"]\ntoken_headers = { x-tenant = \"t\" }",
         ] {
             assert_ne!(base, keys.entry_id(&profile(other)), "{other}");
         }

@@ -15,6 +15,7 @@ pub mod redis;
 pub mod shared;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use redis::BuildError;
 pub use shared::{Backend, Shared};
@@ -36,12 +37,38 @@ impl Backend {
             .map(|h| h.trim().to_owned())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "unknown".to_owned());
-        Ok(Arc::new(Self {
+        let backend = Arc::new(Self {
             redis: redis::Redis::new(c, metrics.clone())?,
             keys: entry::Keys::new(&key),
             metrics,
             prefix: c.key_prefix.clone(),
             node: format!("{host}:{}", std::process::id()),
-        }))
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(health(Arc::downgrade(&backend)));
+        }
+        Ok(backend)
+    }
+}
+
+/// How often Redis is checked between renewals while sharing works…
+const PROBE_UP: Duration = Duration::from_secs(30);
+/// …and while it is degraded, to notice the recovery soon.
+const PROBE_DOWN: Duration = Duration::from_secs(5);
+
+/// Keeps `token_injector_shared_cache_up` current between renewals; ends
+/// when the backend is dropped (a reload that changed `[cache]`, shutdown).
+async fn health(backend: std::sync::Weak<Backend>) {
+    let mut pause = PROBE_UP;
+    loop {
+        tokio::time::sleep(pause).await;
+        let Some(b) = backend.upgrade() else { return };
+        let key = format!("{}:probe:{}", b.prefix, b.node);
+        b.redis.probe(&key, PROBE_DOWN * 2).await;
+        pause = if b.redis.is_down() {
+            PROBE_DOWN
+        } else {
+            PROBE_UP
+        };
     }
 }

@@ -196,6 +196,10 @@ impl Redis {
         op: &'static str,
         cmd: &redis::Cmd,
     ) -> Result<T, OpError> {
+        // A read that works says little about sharing (a full Redis still
+        // answers GET): only a write brings the state back up after a
+        // failure. The first answer at all, or a PING while up, keeps it.
+        let write = !matches!(op, "get" | "ping");
         let started = Instant::now();
         let result = async {
             let mut conn = self.connection().await?;
@@ -210,7 +214,7 @@ impl Redis {
         self.metrics.operation(op, started.elapsed().as_secs_f64());
         match result {
             Ok(v) => {
-                self.mark_up();
+                self.mark_up(write);
                 Ok(v)
             }
             Err(e) => {
@@ -231,11 +235,37 @@ impl Redis {
         }
     }
 
-    fn mark_up(&self) {
+    fn mark_up(&self, write: bool) {
+        let was = self.state.load(Ordering::Acquire);
+        if was == UP || (was == DOWN && !write) {
+            return;
+        }
         if self.state.swap(UP, Ordering::AcqRel) != UP {
             self.metrics.set_up(true);
             tracing::info!("shared cache (Redis) available: tokens are shared with the fleet");
         }
+    }
+
+    /// Whether the last operations left sharing degraded.
+    pub fn is_down(&self) -> bool {
+        self.state.load(Ordering::Acquire) == DOWN
+    }
+
+    /// Checks Redis between renewals so the up/down state (and its alert)
+    /// follows an outage and a recovery even with long-lived tokens: a PING
+    /// while up, a small expiring write under `probe_key` while down (a
+    /// full Redis still answers PING).
+    pub async fn probe(&self, probe_key: &str, ttl: Duration) {
+        let _ = if self.is_down() {
+            let ms = ttl.as_millis().max(1) as u64;
+            self.run::<()>(
+                "probe",
+                redis::cmd("SET").arg(probe_key).arg(1).arg("PX").arg(ms),
+            )
+            .await
+        } else {
+            self.run::<()>("ping", &redis::cmd("PING")).await
+        };
     }
 
     fn mark_down(&self, error: &OpError) {

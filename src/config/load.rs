@@ -17,7 +17,9 @@ pub const ENV_PREFIX: &str = "TOKEN_INJECTOR_";
 /// under the prefix (`TOKEN_INJECTOR_CONFIG`, `_WORKERS`, `_LOG_FORMAT`, or
 /// the `TOKEN_INJECTOR_SERVICE_HOST` that Kubernetes service links inject)
 /// are not config and are ignored.
-const ENV_SECTIONS: &[&str] = &["proxy", "admin", "tokens", "upstream", "profiles", "routes"];
+const ENV_SECTIONS: &[&str] = &[
+    "proxy", "admin", "tokens", "upstream", "profiles", "routes", "cache",
+];
 
 /// The TOML text with the overrides among `env` on top, as the serde
 /// mirror. Its problems (bad TOML, wrong types, unknown keys) name their keys.

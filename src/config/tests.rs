@@ -728,6 +728,200 @@ fn retry_max_without_token_defaults_and_is_bounded_by_retry_initial() {
     );
 }
 
+fn dir_with_cache_files() -> tempfile::TempDir {
+    let dir = dir_with_secret();
+    // What `openssl rand -base64 32` writes.
+    std::fs::write(
+        dir.path().join("token-key"),
+        "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("redis-password"), "pw\n").unwrap();
+    dir
+}
+
+fn cache_problems(cache: &str, profile_extra: &str) -> Vec<String> {
+    let dir = dir_with_cache_files();
+    let text = GOOD.replace(
+        "scopes = [\"read\", \"write\"]",
+        &format!("scopes = [\"read\", \"write\"]\n{profile_extra}"),
+    );
+    match load(&format!("{text}\n[cache]\n{cache}\n"), &dir) {
+        Ok(_) => vec![],
+        Err(e) => e.lines(),
+    }
+}
+
+#[test]
+fn cache_table_is_typed_and_profiles_share_by_default() {
+    let dir = dir_with_cache_files();
+    let text = format!(
+        "{GOOD}\n[cache]\nredis_url = \"redis://127.0.0.1:6379/2\"\nusername = \"ti\"\n\
+         password_file = \"redis-password\"\nencryption_key_file = \"token-key\"\n"
+    );
+    let c = load(&text, &dir).unwrap();
+    let cache = c.cache.as_ref().unwrap();
+    assert!(
+        matches!(&cache.target, RedisTarget::Url(u) if u.as_str() == "redis://127.0.0.1:6379/2")
+    );
+    assert!(!cache.tls);
+    assert_eq!(cache.key_prefix, "token-injector");
+    assert_eq!(cache.operation_timeout, Duration::from_millis(250));
+    assert_eq!(cache.username.as_deref(), Some("ti"));
+    assert_eq!(c.profiles["billing"].cache, CacheMode::Shared);
+    // The key and password files are secrets: their permissions are checked.
+    let files: Vec<String> = c.secret_files().into_iter().map(|(k, _)| k).collect();
+    assert!(
+        files.contains(&"cache.encryption_key_file".to_owned()),
+        "{files:?}"
+    );
+    assert!(
+        files.contains(&"cache.password_file".to_owned()),
+        "{files:?}"
+    );
+    // Without [cache], nothing is shared.
+    assert_eq!(
+        load(GOOD, &dir).unwrap().profiles["billing"].cache,
+        CacheMode::Local
+    );
+    assert!(load(GOOD, &dir).unwrap().cache.is_none());
+    // Sentinel.
+    let text = format!(
+        "{GOOD}\n[cache]\nsentinels = [\"127.0.0.1:26379\", \"[::1]:26380\"]\nmaster_name = \"tokens\"\n\
+         encryption_key_file = \"token-key\"\nkey_prefix = \"ti:prod\"\noperation_timeout = \"1s\"\n"
+    );
+    let c = load(&text, &dir).unwrap();
+    let cache = c.cache.unwrap();
+    match &cache.target {
+        RedisTarget::Sentinel {
+            sentinels,
+            master_name,
+            ..
+        } => {
+            assert_eq!(
+                sentinels,
+                &vec![("127.0.0.1".to_owned(), 26379), ("::1".to_owned(), 26380)]
+            );
+            assert_eq!(master_name, "tokens");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(cache.key_prefix, "ti:prod");
+    // A profile can opt out.
+    assert!(
+        cache_problems(
+            "redis_url = \"redis://127.0.0.1:6379\"\nencryption_key_file = \"token-key\"",
+            "cache = \"local\""
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn cache_problems_name_their_key() {
+    let key = "encryption_key_file = \"token-key\"";
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "redis_url = \"redis://127.0.0.1:6379\"",
+            "",
+            "cache.encryption_key_file: missing",
+        ),
+        ("", key, "cache.redis_url: missing"),
+        (
+            "redis_url = \"redis://:hunter2@127.0.0.1:6379\"",
+            key,
+            "cache.redis_url: must not contain a password",
+        ),
+        (
+            "redis_url = \"http://127.0.0.1:6379\"",
+            key,
+            "cache.redis_url: \"http://127.0.0.1:6379\": expected redis://",
+        ),
+        (
+            "redis_url = \"redis://127.0.0.1:6379/x\"",
+            key,
+            "cache.redis_url: \"x\" is not a database number",
+        ),
+        (
+            "redis_url = \"redis://h:1\"\nsentinels = [\"h:2\"]\nmaster_name = \"m\"",
+            key,
+            "cache.redis_url: set together with sentinels",
+        ),
+        ("sentinels = [\"h:2\"]", key, "cache.master_name: missing"),
+        (
+            "sentinels = [\"h\"]\nmaster_name = \"m\"",
+            key,
+            "cache.sentinels[0]: \"h\": expected HOST:PORT",
+        ),
+        (
+            "redis_url = \"redis://h:1\"\nencryption_key_file = \"secret\"",
+            "",
+            "cache.encryption_key_file:",
+        ),
+        (
+            "redis_url = \"redis://h:1\"\nencryption_key_file = \"nope\"",
+            "",
+            "cache.encryption_key_file: cannot read",
+        ),
+        (
+            "redis_url = \"redis://h:1\"\npassword_file = \"nope\"",
+            key,
+            "cache.password_file: cannot read",
+        ),
+        (
+            "redis_url = \"redis://h:1\"\nkey_prefix = \"a b\"",
+            key,
+            "cache.key_prefix:",
+        ),
+        (
+            "redis_url = \"redis://h:1\"\noperation_timeout = \"20s\"",
+            key,
+            "cache.operation_timeout: out of range",
+        ),
+        (
+            "redis_url = \"redis://h:1\"\nusername = \"\"",
+            key,
+            "cache.username:",
+        ),
+        (
+            "redis_url = \"redis://h:1\"\nclient_cert_file = \"secret\"",
+            key,
+            "cache.client_key_file: missing",
+        ),
+        (
+            "redis_url = \"redis://h:1\"\nredis_port = 1",
+            key,
+            "redis_port",
+        ),
+    ];
+    for (cache, extra, want) in cases {
+        let got = cache_problems(&format!("{cache}\n{extra}"), "");
+        assert!(
+            got.iter().any(|p| p.contains(want)),
+            "[cache] {cache:?}: want a problem containing {want:?}, got {got:?}"
+        );
+    }
+    // The secret in a refused URL is not repeated.
+    let got = cache_problems("redis_url = \"redis://:hunter2@127.0.0.1:6379\"", key).join("\n");
+    assert!(!got.contains("hunter2"), "{got}");
+    // Per profile.
+    let got = cache_problems(
+        &format!("redis_url = \"redis://h:1\"\n{key}"),
+        "cache = \"fleet\"",
+    );
+    assert!(
+        got.iter()
+            .any(|p| p.contains("profiles.billing.cache: unknown value \"fleet\"")),
+        "{got:?}"
+    );
+    let got = problems(&GOOD.replace("scopes = [\"read\", \"write\"]", "cache = \"shared\""));
+    assert!(
+        got.iter()
+            .any(|p| p.contains("profiles.billing.cache: \"shared\" needs a [cache] table")),
+        "{got:?}"
+    );
+}
+
 /// The secret and key files a config names, and the warning about those
 /// group or others may read (`Config::secret_files`, `secret::warn_exposed`).
 mod secret_files {

@@ -473,3 +473,132 @@ async fn a_reissued_token_keeps_its_first_expiry() {
     assert!(g.len() >= 3, "{:?}", r.attempts);
     assert!(g[1] < secs(2.25), "{:?}", r.attempts);
 }
+
+/// A source that answers with a token issued before the attempt (as the
+/// shared cache does when another replica renewed) and records what the
+/// loop told it at each attempt.
+/// Per attempt: since the start, the held token's value, the refused one's.
+type AttemptSeen = (Duration, Option<String>, Option<String>);
+
+struct Adopting {
+    start: Instant,
+    seen: Mutex<Vec<AttemptSeen>>,
+}
+
+impl Source for Adopting {
+    async fn fetch(&self, attempt: super::source::Attempt) -> Result<Parsed, FetchError> {
+        let value = |t: &Option<Arc<super::Token>>| {
+            t.as_ref()
+                .map(|t| String::from_utf8_lossy(t.value().as_bytes()).into_owned())
+        };
+        let n = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.push((
+                self.start.elapsed(),
+                value(&attempt.held),
+                value(&attempt.refused),
+            ));
+            seen.len()
+        };
+        // Issued 3 s ago by another replica, 10 s lifetime: 7 s left.
+        Ok(Parsed {
+            access_token: Secret::new(format!("shared-{n}")),
+            lifetime: secs(10.0),
+            scope: None,
+            issued: Some(Instant::now() - secs(3.0)),
+        })
+    }
+}
+
+/// An adopted token is renewed from its original lifetime, not from what
+/// was left when it was adopted, and expires when it was first going to;
+/// after an upstream 401 the next attempt is told which token was refused.
+#[tokio::test(start_paused = true)]
+async fn adopted_tokens_keep_their_issue_time_and_refusals_are_passed_on() {
+    // Time starts far enough from the clock's origin for `now - 3 s`.
+    tokio::time::advance(secs(60.0)).await;
+    let store = Arc::new(Store::new("p", Duration::from_millis(1)));
+    let source = Arc::new(Adopting {
+        start: Instant::now(),
+        seen: Mutex::new(Vec::new()),
+    });
+    let policy = Policy::try_new(&tokens()).unwrap();
+    let task = tokio::spawn(super::refresh::run(
+        Arc::clone(&store),
+        Arc::clone(&source),
+        policy,
+        (),
+    ));
+    let first = store.get(secs(1.0)).await.unwrap();
+    let now = Instant::now();
+    // Expires 10 s after it was issued, 3 s ago: in 7 s (not in 10).
+    let left = first.expires_at() - now;
+    assert!(left <= secs(7.0) && left > secs(6.9), "{left:?}");
+    // 10 s tokens renew at half their life (margin 60 s > lifetime), up to
+    // 10 % earlier: 4.5..5 s after issue, so 1.5..2 s from now (counted
+    // from the adoption it would be 4.5..5 s).
+    let renew_in = first.refresh_at() - now;
+    assert!(
+        renew_in >= secs(1.4) && renew_in <= secs(2.0),
+        "{renew_in:?}"
+    );
+    // The renewal happens and the loop says which token it held.
+    tokio::time::sleep(secs(2.5)).await;
+    let second = store.current().unwrap();
+    assert_eq!(second.value().as_bytes(), b"shared-2");
+    {
+        let seen = source.seen.lock().unwrap();
+        assert_eq!(seen[0].1, None, "nothing held at start");
+        assert_eq!(seen[1].1.as_deref(), Some("shared-1"), "{seen:?}");
+        assert_eq!(seen[1].2, None, "nothing refused");
+    }
+    // An upstream refuses the current token: the next attempt knows it.
+    assert_eq!(
+        store.invalidate(&second),
+        super::store::Invalidated::Refetching
+    );
+    let third = store.get(secs(1.0)).await.unwrap();
+    assert_eq!(third.value().as_bytes(), b"shared-3");
+    let seen = source.seen.lock().unwrap();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen[2].1, None, "{seen:?}");
+    assert_eq!(seen[2].2.as_deref(), Some("shared-2"), "{seen:?}");
+    task.abort();
+}
+
+/// An adopted token whose renewal time has already passed (adopted late in
+/// its life) is renewed soon, but never in a tight loop.
+#[tokio::test(start_paused = true)]
+async fn adopting_a_token_past_its_renewal_time_does_not_spin() {
+    tokio::time::advance(secs(60.0)).await;
+    struct Late(Mutex<u32>);
+    impl Source for Late {
+        async fn fetch(&self, _: super::source::Attempt) -> Result<Parsed, FetchError> {
+            let n = {
+                let mut n = self.0.lock().unwrap();
+                *n += 1;
+                *n
+            };
+            // 10 s lifetime, issued 8 s ago: its renewal point (5 s) passed.
+            Ok(Parsed {
+                access_token: Secret::new(format!("late-{n}")),
+                lifetime: secs(10.0),
+                scope: None,
+                issued: Some(Instant::now() - secs(8.0)),
+            })
+        }
+    }
+    let store = Arc::new(Store::new("p", Duration::from_millis(1)));
+    let source = Arc::new(Late(Mutex::new(0)));
+    let task = tokio::spawn(super::refresh::run(
+        Arc::clone(&store),
+        Arc::clone(&source),
+        Policy::try_new(&tokens()).unwrap(),
+        (),
+    ));
+    tokio::time::sleep(secs(1.0)).await;
+    let n = *source.0.lock().unwrap();
+    // At most one attempt per MIN_REFRESH (100 ms).
+    assert!((2..=11).contains(&n), "{n} attempts in 1 s");
+    task.abort();
+}

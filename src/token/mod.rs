@@ -87,7 +87,10 @@ impl Token {
             permanent: false,
             expires_at: sent + lifetime,
             usable_until: sent + lifetime.saturating_sub(policy.skew(lifetime)),
-            refresh_at: sent + policy.refresh_in(lifetime, jitter),
+            // Never in the past: a token adopted from the shared cache late
+            // in its life must not make the task renew in a tight loop.
+            refresh_at: (sent + policy.refresh_in(lifetime, jitter))
+                .max(Instant::now() + refresh::MIN_REFRESH),
             expires_unix: now_wall - elapsed + lifetime,
         })
     }

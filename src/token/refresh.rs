@@ -18,7 +18,7 @@ use super::{Observe, Source, Store, Token};
 
 /// Renewals are never scheduled closer together than this, so a server that
 /// returns an almost-expired token cannot make the task spin.
-const MIN_REFRESH: Duration = Duration::from_millis(100);
+pub(crate) const MIN_REFRESH: Duration = Duration::from_millis(100);
 
 /// Tokens said to live less than this are refused: by the time the answer
 /// is parsed and published, such a token is dead or nearly so, and taking it

@@ -115,8 +115,20 @@ fn check_example(dir: &Path) -> usize {
             let local: PathBuf = tmp.path().join(path.trim_start_matches('/'));
             std::fs::create_dir_all(local.parent().unwrap()).unwrap();
             // A secret, or a ServiceAccount token for client_assertion_file:
-            // `check` only reads these.
-            std::fs::write(&local, "placeholder-from-tests-deploy\n").unwrap();
+            // `check` only reads these. A file that must parse gets a real
+            // one of its kind: the shared cache's key (base64 of 32 bytes,
+            // as `openssl rand -base64 32` writes) and a CA certificate.
+            let content = if config.contains(&format!("encryption_key_file = \"{path}\"")) {
+                "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n".to_owned()
+            } else if config.contains(&format!("ca_file = \"{path}\"")) {
+                token_injector::demo::pki::Ca::new("deploy test CA")
+                    .unwrap()
+                    .pem()
+                    .to_owned()
+            } else {
+                "placeholder-from-tests-deploy\n".to_owned()
+            };
+            std::fs::write(&local, content).unwrap();
             std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o400)).unwrap();
             config = config.replace(&format!("\"{path}\""), &format!("\"{}\"", local.display()));
         }
@@ -164,6 +176,12 @@ fn egress_gateway_config_passes_check() {
 }
 
 #[test]
+fn shared_cache_gateway_config_passes_check() {
+    let n = check_example(&Path::new(ROOT).join("deploy/egress-gateway-shared"));
+    assert_eq!(n, 1);
+}
+
+#[test]
 fn every_kustomization_with_a_config_is_checked() {
     let mut with_config = Vec::new();
     for entry in std::fs::read_dir(Path::new(ROOT).join("deploy")).unwrap() {
@@ -176,5 +194,8 @@ fn every_kustomization_with_a_config_is_checked() {
         }
     }
     with_config.sort();
-    assert_eq!(with_config, ["egress-gateway", "sidecar"]);
+    assert_eq!(
+        with_config,
+        ["egress-gateway", "egress-gateway-shared", "sidecar"]
+    );
 }
