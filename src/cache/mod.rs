@@ -64,7 +64,7 @@ async fn health(backend: std::sync::Weak<Backend>) {
         tokio::time::sleep(pause).await;
         let Some(b) = backend.upgrade() else { return };
         let key = format!("{}:probe:{}", b.prefix, b.node);
-        b.redis.probe(&key, PROBE_DOWN * 2).await;
+        b.redis.probe(&key, PROBE_DOWN * 2, PROBE_UP).await;
         pause = if b.redis.is_down() {
             PROBE_DOWN
         } else {

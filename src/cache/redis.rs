@@ -54,6 +54,8 @@ pub struct Redis {
     timeout: Duration,
     metrics: CacheMetrics,
     state: AtomicU8,
+    /// When the last operation ended, for skipping probes while busy.
+    last_op: std::sync::Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -155,6 +157,7 @@ impl Redis {
             timeout: c.operation_timeout,
             metrics,
             state: AtomicU8::new(UNKNOWN),
+            last_op: std::sync::Mutex::new(None),
         })
     }
 
@@ -212,6 +215,9 @@ impl Redis {
         }
         .await;
         self.metrics.operation(op, started.elapsed().as_secs_f64());
+        if let Ok(mut last) = self.last_op.lock() {
+            *last = Some(Instant::now());
+        }
         match result {
             Ok(v) => {
                 self.mark_up(write);
@@ -255,7 +261,17 @@ impl Redis {
     /// follows an outage and a recovery even with long-lived tokens: a PING
     /// while up, a small expiring write under `probe_key` while down (a
     /// full Redis still answers PING).
-    pub async fn probe(&self, probe_key: &str, ttl: Duration) {
+    pub async fn probe(&self, probe_key: &str, ttl: Duration, idle: Duration) {
+        let busy = self
+            .last_op
+            .lock()
+            .ok()
+            .and_then(|l| *l)
+            .is_some_and(|at| at.elapsed() < idle);
+        if busy && !self.is_down() {
+            // Renewals are talking to Redis: they keep the state current.
+            return;
+        }
         let _ = if self.is_down() {
             let ms = ttl.as_millis().max(1) as u64;
             self.run::<()>(

@@ -9,7 +9,7 @@
 //!    release the lease (compare-and-delete);
 //! 3. a replica that loses the lease polls for the winner's entry, and
 //!    takes the lease over if it expires (the holder died), for at most
-//!    `tokens.request_timeout`;
+//!    twice `tokens.request_timeout` (the lease, then the taker's fetch);
 //! 4. any Redis error, at any step: fetch alone, as without `[cache]`.
 
 use std::sync::Arc;
@@ -219,8 +219,9 @@ impl<S: Source> Source for Shared<S> {
             Ok(false) => {}
         }
         // Another replica is fetching: wait for its entry, or for its
-        // lease to lapse if it died.
-        let deadline = Instant::now() + self.lease_ttl;
+        // lease to lapse if it died, and then for the replica that takes
+        // it over: twice the lease at most.
+        let deadline = Instant::now() + self.lease_ttl * 2;
         let mut pause = POLL_FIRST;
         loop {
             let now = Instant::now();
@@ -245,6 +246,17 @@ impl<S: Source> Source for Shared<S> {
             match b.redis.lease(&self.lease, &lease, self.lease_ttl).await {
                 Err(_) => return self.alone(attempt).await,
                 Ok(true) => {
+                    // The lease is free: its holder either finished between
+                    // the read above and now, or died. Read once more to
+                    // tell which.
+                    if let Read::Hit(parsed) = self.read(&attempt).await {
+                        let _ = b
+                            .redis
+                            .delete_if("release", &self.lease, lease.as_bytes())
+                            .await;
+                        b.metrics.lease(&self.profile, "waited");
+                        return Ok(parsed);
+                    }
                     tracing::info!(
                         profile = %self.profile,
                         "the replica holding the renewal lease did not finish; taking it over"
