@@ -818,6 +818,24 @@ fn cache_table_is_typed_and_profiles_share_by_default() {
 }
 
 #[test]
+fn cache_keys_take_environment_overrides() {
+    let dir = dir_with_cache_files();
+    let text = format!(
+        "{GOOD}\n[cache]\nredis_url = \"redis://127.0.0.1:6379\"\nencryption_key_file = \"token-key\"\n"
+    );
+    let env = vec![(
+        "TOKEN_INJECTOR_CACHE__REDIS_URL".to_owned(),
+        "rediss://redis.example:6380/1".to_owned(),
+    )];
+    let c = from_text(&text, dir.path(), env).unwrap();
+    let cache = c.cache.unwrap();
+    assert!(cache.tls);
+    assert!(
+        matches!(&cache.target, RedisTarget::Url(u) if u.as_str() == "rediss://redis.example:6380/1")
+    );
+}
+
+#[test]
 fn cache_problems_name_their_key() {
     let key = "encryption_key_file = \"token-key\"";
     let cases: &[(&str, &str, &str)] = &[
