@@ -11,5 +11,6 @@ mod cli;
 mod core_dumps;
 mod demo;
 mod deploy;
+mod fleet;
 mod logs;
 mod reload;
