@@ -45,7 +45,10 @@ impl Backend {
             node: format!("{host}:{}", std::process::id()),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(health(Arc::downgrade(&backend)));
+            runtime.spawn(health(
+                Arc::downgrade(&backend),
+                backend.redis.down_signal(),
+            ));
         }
         Ok(backend)
     }
@@ -58,10 +61,15 @@ const PROBE_DOWN: Duration = Duration::from_secs(5);
 
 /// Keeps `token_injector_shared_cache_up` current between renewals; ends
 /// when the backend is dropped (a reload that changed `[cache]`, shutdown).
-async fn health(backend: std::sync::Weak<Backend>) {
+async fn health(backend: std::sync::Weak<Backend>, went_down: Arc<tokio::sync::Notify>) {
     let mut pause = PROBE_UP;
     loop {
-        tokio::time::sleep(pause).await;
+        // Only the signal is held while waiting, never the backend, so a
+        // dropped backend ends the task at its next turn.
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = went_down.notified() => {}
+        }
         let Some(b) = backend.upgrade() else { return };
         let key = format!("{}:probe:{}", b.prefix, b.node);
         b.redis.probe(&key, PROBE_DOWN * 2, PROBE_UP).await;

@@ -56,6 +56,9 @@ pub struct Redis {
     state: AtomicU8,
     /// When the last operation ended, for skipping probes while busy.
     last_op: std::sync::Mutex<Option<Instant>>,
+    /// Told when sharing becomes degraded, so the health check starts its
+    /// frequent probes at once.
+    went_down: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -158,6 +161,7 @@ impl Redis {
             metrics,
             state: AtomicU8::new(UNKNOWN),
             last_op: std::sync::Mutex::new(None),
+            went_down: Default::default(),
         })
     }
 
@@ -252,6 +256,12 @@ impl Redis {
         }
     }
 
+    /// Notified when sharing becomes degraded (a permit is kept if no one
+    /// was waiting).
+    pub fn down_signal(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        std::sync::Arc::clone(&self.went_down)
+    }
+
     /// Whether the last operations left sharing degraded.
     pub fn is_down(&self) -> bool {
         self.state.load(Ordering::Acquire) == DOWN
@@ -286,6 +296,7 @@ impl Redis {
 
     fn mark_down(&self, error: &OpError) {
         if self.state.swap(DOWN, Ordering::AcqRel) != DOWN {
+            self.went_down.notify_one();
             self.metrics.set_up(false);
             tracing::warn!(
                 kind = error.kind,

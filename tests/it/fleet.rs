@@ -21,9 +21,9 @@ use crate::support::*;
 /// Bound of every wait for something that can be awaited.
 const WAIT: Duration = Duration::from_secs(20);
 /// Bound of the wait for `token_injector_shared_cache_up` to come back on
-/// every instance after Redis does (its health probe runs every 5 s while
-/// down, after at most 30 s).
-const UP_WAIT: Duration = Duration::from_secs(40);
+/// every instance after Redis does: the health probe starts its 5 s checks
+/// as soon as Redis is marked down.
+const UP_WAIT: Duration = Duration::from_secs(20);
 /// The encryption key file every instance of a test reads (in the World's
 /// dir, relative to it).
 const KEY_FILE: &str = "cache-key";
