@@ -19,6 +19,17 @@ use crate::metrics::CacheMetrics;
 /// lease we own, an entry holding a refused token).
 const DELETE_IF_EQUAL: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
+/// Takes the lease KEYS[1] (value ARGV[1], ARGV[2] ms) if it is free, and
+/// reads the entry KEYS[2] in the same step, so a replica that finds the
+/// lease free also sees a token its holder wrote just before releasing it.
+const LEASE_AND_READ: &str = "local won = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) \
+     return {won and 1 or 0, redis.call('GET', KEYS[2])}";
+
+/// Writes the entry KEYS[1] (ARGV[1], ARGV[2] ms) and releases the lease
+/// KEYS[2] if it still holds ARGV[3]: a renewal's last two steps in one.
+const WRITE_AND_RELEASE: &str = "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
+     if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end return 1";
+
 /// Why the config's `[cache]` cannot be used at all (bad files). Redis being
 /// down is not one: that is a fallback at run time.
 #[derive(Debug, thiserror::Error)]
@@ -310,31 +321,54 @@ impl Redis {
         self.run("get", redis::cmd("GET").arg(key)).await
     }
 
-    /// `SET key value PX ttl`.
-    pub async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), OpError> {
+    /// Takes the lease `lease` (`SET NX PX ttl`) and reads `entry`, in one
+    /// round trip: whether the lease was taken, and the entry's value.
+    pub async fn lease_and_read(
+        &self,
+        lease: &str,
+        value: &str,
+        ttl: Duration,
+        entry: &str,
+    ) -> Result<(bool, Option<Vec<u8>>), OpError> {
         let ms = ttl.as_millis().max(1) as u64;
-        self.run::<()>(
-            "set",
-            redis::cmd("SET").arg(key).arg(value).arg("PX").arg(ms),
-        )
-        .await
-    }
-
-    /// `SET key value NX PX ttl`: whether the lease was taken.
-    pub async fn lease(&self, key: &str, value: &str, ttl: Duration) -> Result<bool, OpError> {
-        let ms = ttl.as_millis().max(1) as u64;
-        let r: Option<String> = self
+        let (won, read): (i64, Option<Vec<u8>>) = self
             .run(
                 "lease",
-                redis::cmd("SET")
-                    .arg(key)
+                redis::cmd("EVAL")
+                    .arg(LEASE_AND_READ)
+                    .arg(2)
+                    .arg(lease)
+                    .arg(entry)
                     .arg(value)
-                    .arg("NX")
-                    .arg("PX")
                     .arg(ms),
             )
             .await?;
-        Ok(r.is_some())
+        Ok((won == 1, read))
+    }
+
+    /// `SET entry value PX ttl`, then releases `lease` if it still holds
+    /// `mine`, in one round trip.
+    pub async fn write_and_release(
+        &self,
+        entry: &str,
+        value: &[u8],
+        ttl: Duration,
+        lease: &str,
+        mine: &str,
+    ) -> Result<(), OpError> {
+        let ms = ttl.as_millis().max(1) as u64;
+        self.run::<()>(
+            "set",
+            redis::cmd("EVAL")
+                .arg(WRITE_AND_RELEASE)
+                .arg(2)
+                .arg(entry)
+                .arg(lease)
+                .arg(value)
+                .arg(ms)
+                .arg(mine),
+        )
+        .await
     }
 
     /// Deletes `key` if it still holds `value`; `op` names it in metrics.

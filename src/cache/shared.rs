@@ -5,8 +5,9 @@
 //! 1. read the entry: a usable token other than the one held (another
 //!    replica renewed) is adopted; an entry still holding a token an
 //!    upstream refused here is deleted (compare-and-delete);
-//! 2. otherwise take the lease (`SET NX PX`), fetch, write the entry,
-//!    release the lease (compare-and-delete);
+//! 2. otherwise take the lease (`SET NX PX`, reading the entry in the same
+//!    script), fetch, write the entry and release the lease
+//!    (compare-and-delete) in one script;
 //! 3. a replica that loses the lease polls for the winner's entry, and
 //!    takes the lease over if it expires (the holder died), for at most
 //!    twice `tokens.request_timeout` (the lease, then the taker's fetch);
@@ -99,32 +100,42 @@ impl<S: Source> Shared<S> {
     }
 
     async fn read(&self, attempt: &Attempt) -> Read {
-        let b = &self.backend;
-        let read = match b.redis.get(&self.entry).await {
+        let read = match self.backend.redis.get(&self.entry).await {
             Err(_) => Read::Error,
-            Ok(None) => Read::Miss,
-            Ok(Some(raw)) => match b.keys.open(&self.entry, &raw) {
-                Err(why) => {
-                    tracing::warn!(
-                        profile = %self.profile,
-                        entry = %self.entry,
-                        reason = %why,
-                        "shared cache entry ignored"
-                    );
-                    Read::Undecryptable
-                }
-                Ok(opened) => self.judge(opened, attempt, &raw).await,
-            },
+            Ok(value) => self.open(value, attempt).await,
         };
-        let result = match &read {
+        self.count(&read);
+        read
+    }
+
+    /// What an entry's value (or its absence) holds for this attempt.
+    async fn open(&self, value: Option<Vec<u8>>, attempt: &Attempt) -> Read {
+        let Some(raw) = value else {
+            return Read::Miss;
+        };
+        match self.backend.keys.open(&self.entry, &raw) {
+            Err(why) => {
+                tracing::warn!(
+                    profile = %self.profile,
+                    entry = %self.entry,
+                    reason = %why,
+                    "shared cache entry ignored"
+                );
+                Read::Undecryptable
+            }
+            Ok(opened) => self.judge(opened, attempt, &raw).await,
+        }
+    }
+
+    fn count(&self, read: &Read) {
+        let result = match read {
             Read::Hit(_) => "hit",
             Read::Miss => "miss",
             Read::Stale => "stale",
             Read::Undecryptable => "undecryptable",
             Read::Error => "error",
         };
-        b.metrics.read(&self.profile, result);
-        read
+        self.backend.metrics.read(&self.profile, result);
     }
 
     /// Whether an opened entry holds a token to adopt.
@@ -168,15 +179,19 @@ impl<S: Source> Shared<S> {
         })
     }
 
-    /// Fetches with the lease held, writes the entry, releases the lease.
+    /// Fetches with the lease held, writes the entry and releases the lease
+    /// (one round trip), or only releases it if the fetch failed.
     async fn fetch_and_share(&self, attempt: Attempt, lease: &str) -> Result<Parsed, FetchError> {
         let sent_wall = SystemTime::now();
         let sent = Instant::now();
         let result = self.inner.fetch(attempt).await;
         let b = &self.backend;
-        if let Ok(parsed) = &result {
-            let left = parsed.lifetime.saturating_sub(sent.elapsed());
-            if !left.is_zero() {
+        let left = match &result {
+            Ok(parsed) => parsed.lifetime.saturating_sub(sent.elapsed()),
+            Err(_) => Duration::ZERO,
+        };
+        match &result {
+            Ok(parsed) if !left.is_zero() => {
                 let value = b.keys.seal(
                     &self.entry,
                     sent_wall,
@@ -184,13 +199,18 @@ impl<S: Source> Shared<S> {
                     parsed.access_token.expose(),
                 );
                 // The Redis TTL is the token's remaining life.
-                let _ = b.redis.set(&self.entry, &value, left).await;
+                let _ = b
+                    .redis
+                    .write_and_release(&self.entry, &value, left, &self.lease, lease)
+                    .await;
+            }
+            _ => {
+                let _ = b
+                    .redis
+                    .delete_if("release", &self.lease, lease.as_bytes())
+                    .await;
             }
         }
-        let _ = b
-            .redis
-            .delete_if("release", &self.lease, lease.as_bytes())
-            .await;
         result
     }
 
@@ -210,62 +230,63 @@ impl<S: Source> Source for Shared<S> {
             Read::Miss | Read::Stale | Read::Undecryptable => {}
         }
         let lease = format!("{}:{:016x}", b.node, fastrand::u64(..));
-        match b.redis.lease(&self.lease, &lease, self.lease_ttl).await {
-            Err(_) => return self.alone(attempt).await,
-            Ok(true) => {
-                b.metrics.lease(&self.profile, "won");
-                return self.fetch_and_share(attempt, &lease).await;
-            }
-            Ok(false) => {}
-        }
-        // Another replica is fetching: wait for its entry, or for its
+        // Another replica may be fetching: wait for its entry, or for its
         // lease to lapse if it died, and then for the replica that takes
-        // it over: twice the lease at most.
+        // it over: twice the lease at most. Each turn takes the lease if
+        // it is free and reads the entry in the same round trip, so a
+        // token written just before the lease was released is adopted,
+        // never fetched again.
         let deadline = Instant::now() + self.lease_ttl * 2;
         let mut pause = POLL_FIRST;
+        let mut waited = false;
         loop {
+            let (won, entry) = match b
+                .redis
+                .lease_and_read(&self.lease, &lease, self.lease_ttl, &self.entry)
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => return self.alone(attempt).await,
+            };
+            let read = self.open(entry, &attempt).await;
+            self.count(&read);
+            match (read, won) {
+                (Read::Hit(parsed), won) => {
+                    if won {
+                        let _ = b
+                            .redis
+                            .delete_if("release", &self.lease, lease.as_bytes())
+                            .await;
+                    }
+                    b.metrics.lease(&self.profile, "waited");
+                    return Ok(parsed);
+                }
+                (_, true) => {
+                    if waited {
+                        tracing::info!(
+                            profile = %self.profile,
+                            "the replica holding the renewal lease did not finish; taking it over"
+                        );
+                        b.metrics.lease(&self.profile, "taken_over");
+                    } else {
+                        b.metrics.lease(&self.profile, "won");
+                    }
+                    return self.fetch_and_share(attempt, &lease).await;
+                }
+                (_, false) => {}
+            }
+            waited = true;
             let now = Instant::now();
             if now >= deadline {
                 tracing::info!(
                     profile = %self.profile,
-                    waited_ms = self.lease_ttl.as_millis() as u64,
+                    waited_ms = (self.lease_ttl * 2).as_millis() as u64,
                     "no shared token after waiting for the replica holding the lease; fetching alone"
                 );
                 return self.alone(attempt).await;
             }
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 3 / 2).min(POLL_MAX);
-            match self.read(&attempt).await {
-                Read::Hit(parsed) => {
-                    b.metrics.lease(&self.profile, "waited");
-                    return Ok(parsed);
-                }
-                Read::Error => return self.alone(attempt).await,
-                Read::Miss | Read::Stale | Read::Undecryptable => {}
-            }
-            match b.redis.lease(&self.lease, &lease, self.lease_ttl).await {
-                Err(_) => return self.alone(attempt).await,
-                Ok(true) => {
-                    // The lease is free: its holder either finished between
-                    // the read above and now, or died. Read once more to
-                    // tell which.
-                    if let Read::Hit(parsed) = self.read(&attempt).await {
-                        let _ = b
-                            .redis
-                            .delete_if("release", &self.lease, lease.as_bytes())
-                            .await;
-                        b.metrics.lease(&self.profile, "waited");
-                        return Ok(parsed);
-                    }
-                    tracing::info!(
-                        profile = %self.profile,
-                        "the replica holding the renewal lease did not finish; taking it over"
-                    );
-                    b.metrics.lease(&self.profile, "taken_over");
-                    return self.fetch_and_share(attempt, &lease).await;
-                }
-                Ok(false) => {}
-            }
         }
     }
 }

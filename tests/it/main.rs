@@ -9,7 +9,6 @@ mod broken_upstreams;
 mod connect;
 mod credentials;
 mod docs_reference;
-mod fleet;
 mod grpc;
 mod hostile_requests;
 mod hostile_tokens;

@@ -184,6 +184,11 @@ impl Validator<'_> {
         key_file: Option<&str>,
     ) -> Result<Option<ClientCert>, ()> {
         let key = |k: &str| format!("{section}.{k}");
+        let missing = if section == "cache" {
+            "missing; mutual TLS to Redis needs client_cert_file and client_key_file"
+        } else {
+            "missing; mutual TLS to the upstream needs client_cert_file and client_key_file"
+        };
         match (cert, key_file) {
             (None, None) => Ok(None),
             (Some(c), Some(k)) => {
@@ -205,17 +210,11 @@ impl Validator<'_> {
                 }
             }
             (Some(_), None) => {
-                self.problem(
-                    key("client_key_file"),
-                    "missing; mutual TLS needs client_cert_file and client_key_file",
-                );
+                self.problem(key("client_key_file"), missing);
                 Err(())
             }
             (None, Some(_)) => {
-                self.problem(
-                    key("client_cert_file"),
-                    "missing; mutual TLS needs client_cert_file and client_key_file",
-                );
+                self.problem(key("client_cert_file"), missing);
                 Err(())
             }
         }

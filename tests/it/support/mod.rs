@@ -21,6 +21,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+// Only the fleet tests (tests/fleet, tests/bin/fleet.rs) start Redis.
+#[allow(dead_code)]
 pub mod redis;
 pub mod reload;
 

@@ -1,7 +1,7 @@
 //! The fleet (issue 16): proxy instances, in this process, sharing one
 //! token per profile through a real `redis-server` (or a master behind
 //! `redis-sentinel`s) started by the test on 127.0.0.1
-//! (tests/it/support/redis.rs). One token endpoint counts the fleet's token
+//! (tests/it/support/redis.rs, shared with tests/it). One token endpoint counts the fleet's token
 //! requests; one upstream checks every bearer token against what that
 //! endpoint issued. The tests with separate processes of the binary (a
 //! lease holder stopped mid-fetch, logs at trace level, a wrong Redis
