@@ -1,5 +1,5 @@
 //! The running proxy, assembled from a config: each subsystem builds its own
-//! part ([`token::profiles`], [`proxy::Proxy::build`], [`listeners`]), first
+//! part ([`profiles`], [`proxy::Proxy::build`], [`listeners`]), first
 //! beside what runs (anything that can fail, so a bad reload changes
 //! nothing), then swapped in.
 //!
@@ -9,6 +9,9 @@
 //! settings did not change keep their tokens.
 
 mod listeners;
+// Public for the fleet benchmark's driver (examples/fleet.rs), which runs
+// many replicas' token sides without their listeners.
+pub mod profiles;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,8 +23,8 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::token::profiles::{self, Profiles};
 use crate::{admin, proxy, secret, serve, tls, token};
+use profiles::Profiles;
 
 use listeners::Listeners;
 

@@ -9,7 +9,6 @@
 pub mod assertion;
 pub mod client;
 pub mod observe;
-pub mod profiles;
 pub mod refresh;
 pub mod response;
 pub mod source;

@@ -14,7 +14,7 @@ use crate::cache;
 use crate::config::{self, CacheMode, Config};
 use crate::metrics::{CacheMetrics, TokenMetrics};
 
-use super::{Client, Policy, Store, client};
+use crate::token::{Client, Policy, Store, client};
 
 /// Why a config's token side could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -176,19 +176,19 @@ impl Profiles {
         for (name, settings, store, obtain) in prepared.start {
             let profile_metrics = metrics.profile(&name);
             let task = match obtain {
-                Obtain::Grant(client) => tokio::spawn(super::refresh::run(
+                Obtain::Grant(client) => tokio::spawn(crate::token::refresh::run(
                     Arc::clone(&store),
                     client,
                     prepared.policy.clone(),
                     profile_metrics,
                 )),
-                Obtain::Shared(shared) => tokio::spawn(super::refresh::run(
+                Obtain::Shared(shared) => tokio::spawn(crate::token::refresh::run(
                     Arc::clone(&store),
                     shared,
                     prepared.policy.clone(),
                     profile_metrics,
                 )),
-                Obtain::Static(path) => tokio::spawn(super::static_credential::run(
+                Obtain::Static(path) => tokio::spawn(crate::token::static_credential::run(
                     Arc::clone(&store),
                     path,
                     profile_metrics,
