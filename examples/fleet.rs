@@ -39,10 +39,10 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use token_injector::app::profiles::Profiles;
 use token_injector::config::{self, Config};
 use token_injector::metrics::Metrics;
 use token_injector::token::Store;
-use token_injector::app::profiles::Profiles;
 
 const PROFILE: &str = "fleet";
 const TOKEN_PATH: &str = "/oauth2/token";
