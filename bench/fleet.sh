@@ -83,6 +83,7 @@ build_driver() {
     if [[ -n ${FLEET_BIN:-} ]]; then
         [[ -x $FLEET_BIN ]] || die "FLEET_BIN=$FLEET_BIN is not an executable"
         log "using FLEET_BIN=$FLEET_BIN"
+        FLEET_BIN_GIVEN=$FLEET_BIN
         return
     fi
     log "building the driver (cargo build --release --locked --example fleet)"
@@ -149,9 +150,9 @@ report() {
     python3 - "$RAW_THIS" "$STAMP" "$TOKEN_LIFETIME" "$DURATION" "$FLEET_SIZES" "$MODES" "$ROLLING" \
         "$(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo unknown)" \
         "$(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')" "$(nproc)" \
-        "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)" "$(uptime | sed 's/.*load average: //')" <<'EOF'
+        "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)" "$(uptime | sed 's/.*load average: //')" "${FLEET_BIN_GIVEN:-}" <<'EOF'
 import json, sys
-raw, stamp, lifetime, duration, sizes, modes, rolling, git, redis_v, cores, cpu, load = sys.argv[1:]
+raw, stamp, lifetime, duration, sizes, modes, rolling, git, redis_v, cores, cpu, load, fleet_bin = sys.argv[1:]
 runs = [json.loads(l) for l in open(raw) if l.strip()]
 by = {(r["replicas"], r["mode"]): r for r in runs}
 
@@ -169,6 +170,8 @@ def per_round(r):
     return f"{f(r['as_requests_per_round'])} ({r['token_requests']}/{r['renewal_rounds']})"
 print(f"## {stamp}: {lifetime} tokens, {duration} steady phase per run\n")
 print(f"Command: `FLEET_SIZES=\"{sizes}\" TOKEN_LIFETIME={lifetime} DURATION={duration} MODES=\"{modes}\" ROLLING={rolling} bash bench/fleet.sh`  ")
+if fleet_bin:
+    print(f"Driver: `FLEET_BIN={fleet_bin}` (its build, not necessarily the commit below).  ")
 print(f"Commit `{git}`, redis-server {redis_v}, {cores} cores ({cpu}), load average at the end {load}.  ")
 if runs:
     t = runs[0]["tokens"]
@@ -266,4 +269,6 @@ main() {
 
 lines() { if [[ -f $1 ]]; then wc -l <"$1"; else echo 0; fi; }
 
-main
+# One line: bash reads the script as it runs, so an edit during a long run
+# must not change what comes after main.
+main "$@"; exit
