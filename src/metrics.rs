@@ -146,7 +146,7 @@ pub struct CacheMetrics {
     errors: IntCounterVec,
     operations: HistogramVec,
     up: IntGauge,
-    up_registered: std::sync::Arc<OnceLock<()>>,
+    up_registered: std::sync::Arc<std::sync::Mutex<bool>>,
 }
 
 impl CacheMetrics {
@@ -195,10 +195,23 @@ impl CacheMetrics {
 
     /// Sets `token_injector_shared_cache_up`, registering it the first time.
     pub fn set_up(&self, up: bool) {
-        self.up_registered.get_or_init(|| {
-            let _ = self.registry.register(Box::new(self.up.clone()));
-        });
+        if let Ok(mut registered) = self.up_registered.lock()
+            && !*registered
+        {
+            *registered = self.registry.register(Box::new(self.up.clone())).is_ok();
+        }
         self.up.set(i64::from(up));
+    }
+
+    /// Removes `token_injector_shared_cache_up`: `[cache]` was removed by a
+    /// reload, and a last 0 must not keep the degraded alert firing.
+    pub fn clear_up(&self) {
+        if let Ok(mut registered) = self.up_registered.lock()
+            && *registered
+        {
+            let _ = self.registry.unregister(Box::new(self.up.clone()));
+            *registered = false;
+        }
     }
 
     pub fn read(&self, profile: &str, result: &str) {
@@ -565,6 +578,18 @@ fn code_str(code: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_cache_up_appears_with_cache_and_goes_with_it() {
+        let m = Metrics::new();
+        assert!(!m.render().contains("token_injector_shared_cache_up"));
+        m.cache.set_up(false);
+        assert!(m.render().contains("token_injector_shared_cache_up 0"));
+        m.cache.clear_up();
+        assert!(!m.render().contains("token_injector_shared_cache_up"));
+        m.cache.set_up(true);
+        assert!(m.render().contains("token_injector_shared_cache_up 1"));
+    }
 
     #[test]
     fn spec_metrics_are_exposed_with_bounded_labels() {

@@ -154,6 +154,9 @@ impl Profiles {
         metrics: &TokenMetrics,
         cache_metrics: &CacheMetrics,
     ) -> Vec<Arc<Store>> {
+        if self.backend.is_some() && prepared.backend.is_none() {
+            cache_metrics.clear_up();
+        }
         self.backend = prepared.backend;
         let removed: Vec<String> = self
             .running

@@ -76,9 +76,15 @@ impl Keys {
         }
     }
 
-    /// The id of `profile`'s entry: 32 hex digits.
-    pub fn entry_id(&self, profile: &Profile) -> String {
-        let tag = hmac::sign(&self.names, identity(profile).as_bytes());
+    /// The id of `profile`'s entry: 32 hex digits. `binding` is what a
+    /// token is bound to beyond the profile (the client certificate of
+    /// `tls_client_auth`, whose tokens only that certificate can use);
+    /// empty for none.
+    pub fn entry_id(&self, profile: &Profile, binding: &[u8]) -> String {
+        let mut ctx = hmac::Context::with_key(&self.names);
+        ctx.update(identity(profile).as_bytes());
+        ctx.update(binding);
+        let tag = ctx.sign();
         tag.as_ref()[..16]
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -204,10 +210,18 @@ mod tests {
     #[test]
     fn names_follow_what_makes_profiles_interchangeable() {
         let keys = Keys::new(&[7; 32]);
-        let base = keys.entry_id(&profile("scopes = [\"a\", \"b\"]"));
+        let base = keys.entry_id(&profile("scopes = [\"a\", \"b\"]"), &[]);
         assert_eq!(base.len(), 32);
         // Same profile, scopes in another order: the same entry.
-        assert_eq!(base, keys.entry_id(&profile("scopes = [\"b\", \"a\"]")));
+        assert_eq!(
+            base,
+            keys.entry_id(&profile("scopes = [\"b\", \"a\"]"), &[])
+        );
+        // Bound to another client certificate: another entry.
+        assert_ne!(
+            base,
+            keys.entry_id(&profile("scopes = [\"a\", \"b\"]"), b"cert")
+        );
         // A changed scope, audience or extra param: another entry.
         for other in [
             "scopes = [\"a\"]",
@@ -216,12 +230,12 @@ mod tests {
             "scopes = [\"a\", \"b\"]\nauth_method = \"client_secret_post\"",
             "scopes = [\"a\", \"b\"]\ntoken_headers = { x-tenant = \"t\" }",
         ] {
-            assert_ne!(base, keys.entry_id(&profile(other)), "{other}");
+            assert_ne!(base, keys.entry_id(&profile(other), &[]), "{other}");
         }
         // Another key: another name, so a rotation never meets old entries.
         assert_ne!(
             base,
-            Keys::new(&[8; 32]).entry_id(&profile("scopes = [\"a\", \"b\"]"))
+            Keys::new(&[8; 32]).entry_id(&profile("scopes = [\"a\", \"b\"]"), &[])
         );
     }
 

@@ -23,12 +23,36 @@ const DELETE_IF_EQUAL: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then ret
 /// reads the entry KEYS[2] in the same step, so a replica that finds the
 /// lease free also sees a token its holder wrote just before releasing it.
 const LEASE_AND_READ: &str = "local won = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) \
-     return {won and 1 or 0, redis.call('GET', KEYS[2])}";
+     local v = redis.pcall('GET', KEYS[2]) if type(v) == 'table' then v = '' end \
+     return {won and 1 or 0, v, redis.call('PTTL', KEYS[2])}";
+
+/// Reads the entry KEYS[1] and its remaining TTL in one round trip. A value
+/// of another type (not a string) reads as empty: garbage, which a renewal
+/// then overwrites.
+const READ: &str = "local v = redis.pcall('GET', KEYS[1]) if type(v) == 'table' then v = '' end \
+     return {v, redis.call('PTTL', KEYS[1])}";
 
 /// Writes the entry KEYS[1] (ARGV[1], ARGV[2] ms) and releases the lease
-/// KEYS[2] if it still holds ARGV[3]: a renewal's last two steps in one.
-const WRITE_AND_RELEASE: &str = "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
-     if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end return 1";
+/// KEYS[2], only while the lease still holds ARGV[3]: a holder that was
+/// stopped past its lease must not overwrite the token of the replica
+/// that took over.
+const WRITE_AND_RELEASE: &str = "if redis.call('GET', KEYS[2]) == ARGV[3] then \
+     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) redis.call('DEL', KEYS[2]) return 1 end return 0";
+
+/// An entry's value and its remaining Redis TTL (`None`: no TTL).
+#[derive(Debug)]
+pub struct Found {
+    pub value: Vec<u8>,
+    pub ttl: Option<Duration>,
+}
+
+/// `[value, pttl]` as the scripts return them.
+fn found(value: Option<Vec<u8>>, pttl: i64) -> Option<Found> {
+    value.map(|value| Found {
+        value,
+        ttl: u64::try_from(pttl).ok().map(Duration::from_millis),
+    })
+}
 
 /// Why the config's `[cache]` cannot be used at all (bad files). Redis being
 /// down is not one: that is a fallback at run time.
@@ -176,10 +200,11 @@ impl Redis {
         })
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
+    /// The shared connection, and whether it was made just now.
+    async fn connection(&self) -> Result<(MultiplexedConnection, bool), RedisError> {
         let mut slot = self.conn.lock().await;
         if let Some(c) = &*slot {
-            return Ok(c.clone());
+            return Ok((c.clone(), false));
         }
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
@@ -205,7 +230,7 @@ impl Redis {
             .await
             .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
         *slot = Some(conn.clone());
-        Ok(conn)
+        Ok((conn, true))
     }
 
     /// Runs one command, bounded by the operation timeout, and records it.
@@ -218,17 +243,42 @@ impl Redis {
         // answers GET): only a write brings the state back up after a
         // failure. The first answer at all, or a PING while up, keeps it.
         let write = !matches!(op, "get" | "ping");
-        let started = Instant::now();
-        let result = async {
-            let mut conn = self.connection().await?;
-            match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
-                Ok(r) => r,
-                Err(_) => Err(RedisError::from(std::io::Error::from(
-                    std::io::ErrorKind::TimedOut,
-                ))),
-            }
+        let health_check = matches!(op, "ping" | "probe");
+        if self.is_down() && !health_check {
+            // While sharing is degraded only the health check talks to
+            // Redis: a renewal falls back at once instead of each one
+            // waiting for a timeout, and sharing resumes once a probe
+            // succeeds (every few seconds).
+            return Err(OpError {
+                kind: "unavailable",
+                message: "sharing is degraded until a health check succeeds".into(),
+            });
         }
-        .await;
+        let started = Instant::now();
+        let timed_out = || RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        let attempt = async {
+            // A connection the server dropped (a restart, a failover) is
+            // made again once, within the same bound.
+            let mut retried = false;
+            loop {
+                let (mut conn, fresh) = self.connection().await?;
+                match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
+                    Ok(Err(e))
+                        if !fresh && !retried && (e.is_connection_dropped() || e.is_io_error()) =>
+                    {
+                        retried = true;
+                        *self.conn.lock().await = None;
+                    }
+                    Ok(r) => return r,
+                    Err(_) => return Err(timed_out()),
+                }
+            }
+        };
+        // One bound over waiting for the connection, connecting (twice the
+        // operation timeout, for Sentinel's two hops) and the command.
+        let result = tokio::time::timeout(self.timeout * 4, attempt)
+            .await
+            .unwrap_or_else(|_| Err(timed_out()));
         self.metrics.operation(op, started.elapsed().as_secs_f64());
         if let Ok(mut last) = self.last_op.lock() {
             *last = Some(Instant::now());
@@ -240,6 +290,14 @@ impl Redis {
             }
             Err(e) => {
                 let kind = kind(&e);
+                if kind == "wrongtype" {
+                    // Data, not availability: the caller treats the value
+                    // as garbage.
+                    return Err(OpError {
+                        kind,
+                        message: e.to_string(),
+                    });
+                }
                 if !matches!(kind, "response") {
                     // The connection may be dead, or point at a demoted
                     // master: the next operation connects again.
@@ -317,8 +375,13 @@ impl Redis {
         }
     }
 
-    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, OpError> {
-        self.run("get", redis::cmd("GET").arg(key)).await
+    /// The entry at `key` with its remaining TTL; a value of another type
+    /// reads as empty (garbage).
+    pub async fn get(&self, key: &str) -> Result<Option<Found>, OpError> {
+        let (value, pttl): (Option<Vec<u8>>, i64) = self
+            .run("get", redis::cmd("EVAL").arg(READ).arg(1).arg(key))
+            .await?;
+        Ok(found(value, pttl))
     }
 
     /// Takes the lease `lease` (`SET NX PX ttl`) and reads `entry`, in one
@@ -329,9 +392,9 @@ impl Redis {
         value: &str,
         ttl: Duration,
         entry: &str,
-    ) -> Result<(bool, Option<Vec<u8>>), OpError> {
+    ) -> Result<(bool, Option<Found>), OpError> {
         let ms = ttl.as_millis().max(1) as u64;
-        let (won, read): (i64, Option<Vec<u8>>) = self
+        let (won, value, pttl): (i64, Option<Vec<u8>>, i64) = self
             .run(
                 "lease",
                 redis::cmd("EVAL")
@@ -343,7 +406,7 @@ impl Redis {
                     .arg(ms),
             )
             .await?;
-        Ok((won == 1, read))
+        Ok((won == 1, found(value, pttl)))
     }
 
     /// `SET entry value PX ttl`, then releases `lease` if it still holds
@@ -400,6 +463,7 @@ fn kind(e: &RedisError) -> &'static str {
     match e.code() {
         Some("WRONGPASS" | "NOAUTH" | "NOPERM") => return "auth",
         Some("READONLY" | "MASTERDOWN") => return "readonly",
+        Some("WRONGTYPE") => return "wrongtype",
         _ => {}
     }
     match e.kind() {

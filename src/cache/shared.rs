@@ -23,7 +23,7 @@ use crate::token::response::Parsed;
 use crate::token::{Attempt, FetchError, Policy, Source};
 
 use super::entry::{Keys, Opened};
-use super::redis::Redis;
+use super::redis::{Found, Redis};
 
 /// Losers poll for the winner's entry, starting this often…
 const POLL_FIRST: Duration = Duration::from_millis(25);
@@ -82,7 +82,19 @@ impl<S: Source> Shared<S> {
         lease_ttl: Duration,
         policy: Policy,
     ) -> Self {
-        let id = backend.keys.entry_id(profile);
+        // A tls_client_auth token is bound to the client certificate
+        // (RFC 8705): replicas with other certificates must not share it.
+        let binding = match &profile.auth {
+            crate::config::ClientAuth::TlsClientAuth { cert_file, .. } => std::fs::read(cert_file)
+                .map(|pem| {
+                    ring::digest::digest(&ring::digest::SHA256, &pem)
+                        .as_ref()
+                        .to_vec()
+                })
+                .unwrap_or_else(|_| cert_file.to_string_lossy().as_bytes().to_vec()),
+            _ => Vec::new(),
+        };
+        let id = backend.keys.entry_id(profile, &binding);
         Self {
             entry: format!("{}:token:{id}", backend.prefix),
             lease: format!("{}:lease:{id}", backend.prefix),
@@ -109,8 +121,8 @@ impl<S: Source> Shared<S> {
     }
 
     /// What an entry's value (or its absence) holds for this attempt.
-    async fn open(&self, value: Option<Vec<u8>>, attempt: &Attempt) -> Read {
-        let Some(raw) = value else {
+    async fn open(&self, found: Option<Found>, attempt: &Attempt) -> Read {
+        let Some(Found { value: raw, ttl }) = found else {
             return Read::Miss;
         };
         match self.backend.keys.open(&self.entry, &raw) {
@@ -123,7 +135,7 @@ impl<S: Source> Shared<S> {
                 );
                 Read::Undecryptable
             }
-            Ok(opened) => self.judge(opened, attempt, &raw).await,
+            Ok(opened) => self.judge(opened, ttl, attempt, &raw).await,
         }
     }
 
@@ -139,7 +151,13 @@ impl<S: Source> Shared<S> {
     }
 
     /// Whether an opened entry holds a token to adopt.
-    async fn judge(&self, opened: Opened, attempt: &Attempt, raw: &[u8]) -> Read {
+    async fn judge(
+        &self,
+        opened: Opened,
+        ttl: Option<Duration>,
+        attempt: &Attempt,
+        raw: &[u8],
+    ) -> Read {
         let token = opened.token.expose().as_bytes();
         if let Some(refused) = &attempt.refused
             && refused.value().as_bytes() == token
@@ -158,10 +176,15 @@ impl<S: Source> Shared<S> {
             return Read::Stale;
         }
         // Its age on the wall clock (a future `issued`, from a replica whose
-        // clock runs ahead, counts as new), as an instant on ours.
-        let age = SystemTime::now()
+        // clock runs ahead, counts as new), but never younger than its Redis
+        // TTL says: the TTL was set from the writer's monotonic clock, so a
+        // writer whose wall clock runs ahead cannot make it live longer.
+        let mut age = SystemTime::now()
             .duration_since(opened.issued)
             .unwrap_or(Duration::ZERO);
+        if let Some(ttl) = ttl {
+            age = age.max(opened.lifetime.saturating_sub(ttl));
+        }
         let now = Instant::now();
         let (issued, lifetime) = match now.checked_sub(age) {
             Some(issued) => (issued, opened.lifetime),
@@ -169,6 +192,14 @@ impl<S: Source> Shared<S> {
         };
         let usable_for = lifetime.saturating_sub(self.policy.skew(lifetime));
         if issued + usable_for <= now + POLL_MAX || lifetime < crate::token::refresh::MIN_LIFETIME {
+            return Read::Stale;
+        }
+        // Older than the token in hand (a holder that resumed late wrote
+        // it): not a renewal.
+        if let Some(held) = &attempt.held
+            && held.usable_at(now)
+            && issued + lifetime <= held.expires_at()
+        {
             return Read::Stale;
         }
         Read::Hit(Parsed {
@@ -232,11 +263,22 @@ impl<S: Source> Source for Shared<S> {
         let lease = format!("{}:{:016x}", b.node, fastrand::u64(..));
         // Another replica may be fetching: wait for its entry, or for its
         // lease to lapse if it died, and then for the replica that takes
-        // it over: twice the lease at most. Each turn takes the lease if
+        // it over: twice the lease at most while a usable token is held. Each turn takes the lease if
         // it is free and reads the entry in the same round trip, so a
         // token written just before the lease was released is adopted,
         // never fetched again.
-        let deadline = Instant::now() + self.lease_ttl * 2;
+        // Without a usable token in hand requests are waiting: one lease
+        // at most, then take it over or fetch alone.
+        let holding = attempt
+            .held
+            .as_ref()
+            .is_some_and(|t| t.usable_at(Instant::now()));
+        let wait = if holding {
+            self.lease_ttl * 2
+        } else {
+            self.lease_ttl
+        };
+        let deadline = Instant::now() + wait;
         let mut pause = POLL_FIRST;
         let mut waited = false;
         loop {
@@ -280,7 +322,7 @@ impl<S: Source> Source for Shared<S> {
             if now >= deadline {
                 tracing::info!(
                     profile = %self.profile,
-                    waited_ms = (self.lease_ttl * 2).as_millis() as u64,
+                    waited_ms = wait.as_millis() as u64,
                     "no shared token after waiting for the replica holding the lease; fetching alone"
                 );
                 return self.alone(attempt).await;

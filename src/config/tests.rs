@@ -902,6 +902,16 @@ fn cache_problems_name_their_key() {
             "cache.username:",
         ),
         (
+            "redis_url = \"redis://h:1\"\nusername = \"ti\"",
+            key,
+            "cache.username: set without password_file",
+        ),
+        (
+            "redis_url = \"redis://h:1/0#insecure\"",
+            key,
+            "cache.redis_url:",
+        ),
+        (
             "redis_url = \"redis://h:1\"\nclient_cert_file = \"secret\"",
             key,
             "cache.client_key_file: missing",

@@ -792,6 +792,29 @@ async fn garbage_truncated_wrong_key_and_expired_entries_are_ignored() {
         i.run.shutdown().await;
         assert_eq!(w.tokens.state.count(), before + 1, "{what}");
     }
+    // Not a string at all (a list): reads as garbage, and the instance's
+    // own write replaces it, so sharing is not stuck on WRONGTYPE.
+    redis.del(&entry).await;
+    let _: i64 = redis
+        .query(::redis::cmd("RPUSH").arg(&entry).arg("not-a-token"))
+        .await;
+    let before = w.tokens.state.count();
+    let i = Instance::start(&w, &main, 50).await;
+    w.tokens.state.wait_for_requests(before + 1, WAIT).await;
+    assert_eq!(i.get().await, Ok(200), "a list at the entry");
+    let m = i.metrics().await;
+    assert!(
+        reads(&m, "undecryptable") >= 1.0,
+        "{}",
+        account(std::slice::from_ref(&m))
+    );
+    assert_eq!(leases(&m, "won"), 1.0);
+    let now = redis.get(&entry).await;
+    assert!(
+        now.is_some_and(|v| v.first() == Some(&1)),
+        "replaced by an entry"
+    );
+    i.run.shutdown().await;
     for (n, tokens) in tokens_by_instance(&w, from) {
         for t in tokens {
             assert!(w.tokens.state.valid(&t), "case {n} sent {t:?}");

@@ -76,6 +76,13 @@ impl Validator<'_> {
             self.problem("cache.username", "must be a non-empty name without spaces");
             ok = false;
         }
+        if c.username.is_some() && c.password_file.is_none() {
+            self.problem(
+                "cache.username",
+                "set without password_file; an ACL user needs its password",
+            );
+            ok = false;
+        }
         let password_file = match c.password_file.as_deref() {
             None => None,
             Some(p) => {
@@ -164,7 +171,8 @@ impl Validator<'_> {
             Ok(url)
                 if matches!(url.scheme(), "redis" | "rediss")
                     && url.host().is_some()
-                    && url.query().is_none() =>
+                    && url.query().is_none()
+                    && url.fragment().is_none() =>
             {
                 let db = url.path().trim_start_matches('/');
                 if !db.is_empty() && db.parse::<u16>().is_err() {
