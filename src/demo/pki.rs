@@ -135,6 +135,9 @@ pub(super) async fn serve_tls<F, Fut>(
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    // Small request/response exchanges: without it a token
+                    // request can wait ~40 ms on delayed ACKs.
+                    let _ = stream.set_nodelay(true);
                     let acceptor = acceptor.clone();
                     let handler = handler.clone();
                     conns.spawn(async move {
