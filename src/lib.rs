@@ -27,6 +27,7 @@ pub mod cache;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod dpop;
 pub mod errors;
 pub mod head;
 pub mod keys;

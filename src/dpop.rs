@@ -1,0 +1,427 @@
+//! DPoP proofs (RFC 9449): a key pair whose public half travels in every
+//! proof's header, and a proof per request bound to its method and URL
+//! (and, at a resource server, to the token by `ath`).
+//!
+//! The first step of sender-constrained tokens (issue 17): the proofs
+//! themselves, built for the request path. The key is parsed once, the JWS
+//! header (with the public JWK) is encoded once, and each proof is written
+//! into a caller's reused buffer: one signature and no parsing per request.
+//! Not wired to the config or the proxy yet.
+//!
+//! Nothing here logs; a [`ProofKey`]'s Debug names the algorithm and the
+//! key's thumbprint, which is public.
+
+use std::fmt::Write as _;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::{self, EcdsaKeyPair, KeyPair as _};
+
+use crate::keys::{Alg, KeyError, SigningKey};
+
+/// A DPoP key pair with its pre-encoded JWS header.
+pub struct ProofKey {
+    key: SigningKey,
+    alg: Alg,
+    /// base64url of `{"typ":"dpop+jwt","alg":…,"jwk":{…}}`.
+    header: String,
+    /// RFC 7638 thumbprint of the public key (base64url SHA-256), what a
+    /// server puts in the token's `cnf.jkt`.
+    thumbprint: String,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for ProofKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProofKey")
+            .field("alg", &self.alg.as_str())
+            .field("jkt", &self.thumbprint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The algorithms a DPoP key signs with (`dpop_alg`).
+pub const ALGS: [&str; 4] = ["ES256", "EdDSA", "PS256", "RS256"];
+
+impl ProofKey {
+    /// A fresh EC P-256 key (ES256), held in memory only.
+    pub fn generate() -> Result<Self, KeyError> {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .map_err(|_| KeyError::Sign)?;
+        let pair = EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            pkcs8.as_ref(),
+            &rng,
+        )
+        .map_err(|_| KeyError::Sign)?;
+        Self::new(SigningKey::P256(pair), Some(Alg::ES256))
+    }
+
+    /// Wraps a loaded key, checking that `alg` (default: the key's own)
+    /// fits it and is one DPoP allows.
+    pub fn new(key: SigningKey, alg: Option<Alg>) -> Result<Self, KeyError> {
+        let alg = key.alg(alg)?;
+        if !ALGS.contains(&alg.as_str()) {
+            return Err(KeyError::AlgMismatch {
+                alg,
+                kind: key.kind(),
+                allowed: ALGS.join(", "),
+            });
+        }
+        let jwk = Jwk::of(&key);
+        let header = format!(
+            r#"{{"typ":"dpop+jwt","alg":"{}","jwk":{}}}"#,
+            alg.as_str(),
+            jwk.json()
+        );
+        Ok(Self {
+            header: B64.encode(header),
+            thumbprint: jwk.thumbprint(),
+            key,
+            alg,
+            rng: SystemRandom::new(),
+        })
+    }
+
+    pub fn alg(&self) -> Alg {
+        self.alg
+    }
+
+    /// The RFC 7638 thumbprint of the public key (`cnf.jkt`).
+    pub fn thumbprint(&self) -> &str {
+        &self.thumbprint
+    }
+
+    /// Writes a proof for a request with method `htm` to `htu` (see
+    /// [`htu`]) into `out` (cleared first): `iat` in Unix seconds, `ath`
+    /// for the access token it carries (see [`ath`]), `nonce` if the server
+    /// gave one. A fresh random `jti` each time.
+    pub fn proof(
+        &self,
+        out: &mut String,
+        claims: &Claims<'_>,
+        scratch: &mut String,
+    ) -> Result<(), KeyError> {
+        let mut jti = [0u8; 16];
+        self.rng.fill(&mut jti).map_err(|_| KeyError::Sign)?;
+        scratch.clear();
+        scratch.push_str(r#"{"jti":""#);
+        B64.encode_string(jti, scratch);
+        scratch.push_str(r#"","htm":"#);
+        json_string(scratch, claims.htm);
+        scratch.push_str(r#","htu":"#);
+        json_string(scratch, claims.htu);
+        let _ = write!(scratch, r#","iat":{}"#, claims.iat);
+        if let Some(ath) = claims.ath {
+            scratch.push_str(r#","ath":"#);
+            json_string(scratch, ath);
+        }
+        if let Some(nonce) = claims.nonce {
+            scratch.push_str(r#","nonce":"#);
+            json_string(scratch, nonce);
+        }
+        scratch.push('}');
+        out.clear();
+        out.push_str(&self.header);
+        out.push('.');
+        B64.encode_string(scratch.as_bytes(), out);
+        let signature = self.key.sign(self.alg, out.as_bytes())?;
+        out.push('.');
+        B64.encode_string(signature, out);
+        Ok(())
+    }
+}
+
+/// What a proof says about the request it goes with.
+#[derive(Debug, Clone, Copy)]
+pub struct Claims<'a> {
+    pub htm: &'a str,
+    pub htu: &'a str,
+    pub iat: u64,
+    pub ath: Option<&'a str>,
+    pub nonce: Option<&'a str>,
+}
+
+/// `ath`: base64url of the SHA-256 of the access token (RFC 9449 §4.2).
+pub fn ath(access_token: &[u8]) -> String {
+    B64.encode(ring::digest::digest(&ring::digest::SHA256, access_token))
+}
+
+/// `htu` (RFC 9449 §4.2): the request's URI without query and fragment, the
+/// port only if it is not the scheme's default, scheme and host in lower
+/// case.
+pub fn htu(scheme: &str, host: &str, port: Option<u16>, path: &str) -> String {
+    let scheme = scheme.to_ascii_lowercase();
+    let default = match scheme.as_str() {
+        "https" => Some(443),
+        "http" => Some(80),
+        _ => None,
+    };
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let path = if path.is_empty() { "/" } else { path };
+    let host = host.to_ascii_lowercase();
+    match port.filter(|p| Some(*p) != default) {
+        Some(p) => format!("{scheme}://{host}:{p}{path}"),
+        None => format!("{scheme}://{host}{path}"),
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// A public key as a JWK, members in the lexicographic order RFC 7638
+/// wants for the thumbprint (and fine for the header too).
+enum Jwk {
+    Ec { x: String, y: String },
+    Okp { x: String },
+    Rsa { e: String, n: String },
+}
+
+impl Jwk {
+    fn of(key: &SigningKey) -> Self {
+        match key {
+            SigningKey::P256(k) | SigningKey::P384(k) => {
+                // Uncompressed point: 0x04 | X | Y.
+                let p = k.public_key().as_ref();
+                let half = (p.len() - 1) / 2;
+                Jwk::Ec {
+                    x: B64.encode(&p[1..1 + half]),
+                    y: B64.encode(&p[1 + half..]),
+                }
+            }
+            SigningKey::Ed25519(k) => Jwk::Okp {
+                x: B64.encode(k.public_key().as_ref()),
+            },
+            SigningKey::Rsa(k) => {
+                let c: ring::rsa::PublicKeyComponents<Vec<u8>> = k.public().into();
+                Jwk::Rsa {
+                    e: B64.encode(&c.e),
+                    n: B64.encode(&c.n),
+                }
+            }
+        }
+    }
+
+    /// The required members only, sorted, no whitespace (RFC 7638 §3).
+    fn json(&self) -> String {
+        match self {
+            Jwk::Ec { x, y } => {
+                let crv = if x.len() > 43 { "P-384" } else { "P-256" };
+                format!(r#"{{"crv":"{crv}","kty":"EC","x":"{x}","y":"{y}"}}"#)
+            }
+            Jwk::Okp { x } => format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}"#),
+            Jwk::Rsa { e, n } => format!(r#"{{"e":"{e}","kty":"RSA","n":"{n}"}}"#),
+        }
+    }
+
+    fn thumbprint(&self) -> String {
+        B64.encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            self.json().as_bytes(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(proof: &str) -> (serde_json::Value, serde_json::Value, Vec<u8>, String) {
+        let mut it = proof.split('.');
+        let (h, p, s) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+        assert!(it.next().is_none());
+        let header = serde_json::from_slice(&B64.decode(h).unwrap()).unwrap();
+        let payload = serde_json::from_slice(&B64.decode(p).unwrap()).unwrap();
+        (header, payload, B64.decode(s).unwrap(), format!("{h}.{p}"))
+    }
+
+    /// Verifies a proof's signature with the key in its own header, as a
+    /// resource server does (RFC 9449 §4.3 step 6).
+    fn verify(proof: &str) -> (serde_json::Value, serde_json::Value) {
+        let (header, payload, sig, signed) = parts(proof);
+        assert_eq!(header["typ"], "dpop+jwt");
+        let jwk = &header["jwk"];
+        let b = |k: &str| B64.decode(jwk[k].as_str().unwrap()).unwrap();
+        let ok = match (
+            header["alg"].as_str().unwrap(),
+            jwk["kty"].as_str().unwrap(),
+        ) {
+            ("ES256", "EC") => {
+                let mut point = vec![4];
+                point.extend(b("x"));
+                point.extend(b("y"));
+                signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+                    .verify(signed.as_bytes(), &sig)
+            }
+            ("EdDSA", "OKP") => signature::UnparsedPublicKey::new(&signature::ED25519, b("x"))
+                .verify(signed.as_bytes(), &sig),
+            (alg, "RSA") => {
+                let params = if alg == "PS256" {
+                    &signature::RSA_PSS_2048_8192_SHA256
+                } else {
+                    &signature::RSA_PKCS1_2048_8192_SHA256
+                };
+                ring::rsa::PublicKeyComponents {
+                    n: b("n"),
+                    e: b("e"),
+                }
+                .verify(params, signed.as_bytes(), &sig)
+            }
+            other => panic!("{other:?}"),
+        };
+        assert!(ok.is_ok(), "signature does not verify");
+        // No private member leaks into the header's JWK.
+        assert!(jwk.get("d").is_none() && jwk.get("p").is_none());
+        (header, payload)
+    }
+
+    fn claims<'a>(ath: Option<&'a str>, nonce: Option<&'a str>) -> Claims<'a> {
+        Claims {
+            htm: "GET",
+            htu: "https://api.example/v1/items",
+            iat: 1_700_000_000,
+            ath,
+            nonce,
+        }
+    }
+
+    #[test]
+    fn rfc9449_ath_and_rfc7638_thumbprint_vectors() {
+        // RFC 9449 §7.1's example access token and its ath.
+        assert_eq!(
+            ath(b"Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU"),
+            "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"
+        );
+        // RFC 9449 §4.1's example key and the jkt §6.1 gives for it.
+        let jwk = Jwk::Ec {
+            x: "l8tFrhx-34tV3hRICRDY9zCkDlpBhF42UQUfWVAWBFs".into(),
+            y: "9VE4jf_Ok_o64zbTTlcuNJajHmt6v9TDVrU0CdvGRDA".into(),
+        };
+        assert_eq!(
+            jwk.thumbprint(),
+            "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+        );
+    }
+
+    #[test]
+    fn generated_es256_proofs_verify_and_carry_the_claims() {
+        let key = ProofKey::generate().unwrap();
+        assert_eq!(key.alg(), Alg::ES256);
+        let (mut out, mut scratch) = (String::new(), String::new());
+        let token_ath = ath(b"the-token");
+        key.proof(
+            &mut out,
+            &claims(Some(&token_ath), Some("n-1")),
+            &mut scratch,
+        )
+        .unwrap();
+        let (header, payload) = verify(&out);
+        assert_eq!(header["alg"], "ES256");
+        assert_eq!(header["jwk"]["crv"], "P-256");
+        assert_eq!(payload["htm"], "GET");
+        assert_eq!(payload["htu"], "https://api.example/v1/items");
+        assert_eq!(payload["iat"], 1_700_000_000u64);
+        assert_eq!(payload["ath"], token_ath.as_str());
+        assert_eq!(payload["nonce"], "n-1");
+        // The header's key is the one the thumbprint names.
+        let jwk = header["jwk"].clone();
+        let rebuilt = Jwk::Ec {
+            x: jwk["x"].as_str().unwrap().into(),
+            y: jwk["y"].as_str().unwrap().into(),
+        };
+        assert_eq!(rebuilt.thumbprint(), key.thumbprint());
+        // Without a token or nonce (a token request): no such claims.
+        key.proof(&mut out, &claims(None, None), &mut scratch)
+            .unwrap();
+        let (_, payload) = verify(&out);
+        assert!(payload.get("ath").is_none() && payload.get("nonce").is_none());
+    }
+
+    #[test]
+    fn every_proof_has_its_own_jti() {
+        let key = ProofKey::generate().unwrap();
+        let (mut out, mut scratch) = (String::new(), String::new());
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            key.proof(&mut out, &claims(None, None), &mut scratch)
+                .unwrap();
+            let (_, payload, _, _) = parts(&out);
+            assert!(seen.insert(payload["jti"].as_str().unwrap().to_owned()));
+        }
+    }
+
+    #[test]
+    fn ed25519_keys_sign_with_eddsa_and_p384_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, key: &rcgen::KeyPair| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, key.serialize_pem()).unwrap();
+            SigningKey::load(&path).unwrap()
+        };
+        let ed = write(
+            "ed",
+            &rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap(),
+        );
+        let ed = ProofKey::new(ed, None).unwrap();
+        assert_eq!(ed.alg(), Alg::EdDSA);
+        let (mut out, mut scratch) = (String::new(), String::new());
+        ed.proof(&mut out, &claims(None, None), &mut scratch)
+            .unwrap();
+        let (header, _) = verify(&out);
+        assert_eq!(header["jwk"]["kty"], "OKP");
+        // A P-384 key is refused for DPoP (ES384 is not a DPoP algorithm
+        // here), naming what is allowed.
+        let p384 = write(
+            "p384",
+            &rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap(),
+        );
+        let e = ProofKey::new(p384, None).unwrap_err().to_string();
+        assert!(e.contains("ES256, EdDSA, PS256, RS256"), "{e}");
+    }
+
+    #[test]
+    fn htu_is_normalised() {
+        assert_eq!(
+            htu("HTTPS", "API.Example", Some(443), "/v1/x?q=1#f"),
+            "https://api.example/v1/x"
+        );
+        assert_eq!(
+            htu("https", "api.example", Some(8443), "/v1"),
+            "https://api.example:8443/v1"
+        );
+        assert_eq!(htu("http", "h", Some(80), ""), "http://h/");
+        assert_eq!(htu("https", "h", None, "/a"), "https://h/a");
+    }
+
+    #[test]
+    fn claims_are_json_escaped() {
+        let key = ProofKey::generate().unwrap();
+        let (mut out, mut scratch) = (String::new(), String::new());
+        let c = Claims {
+            htm: "GET",
+            htu: "https://h/a\"b\\c",
+            iat: 1,
+            ath: None,
+            nonce: Some("n\u{1}"),
+        };
+        key.proof(&mut out, &c, &mut scratch).unwrap();
+        let (_, payload) = verify(&out);
+        assert_eq!(payload["htu"], "https://h/a\"b\\c");
+        assert_eq!(payload["nonce"], "n\u{1}");
+    }
+}
