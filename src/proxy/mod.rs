@@ -8,6 +8,7 @@
 
 pub mod authorize;
 pub mod build;
+pub mod dpop;
 pub mod error;
 pub mod headers;
 pub mod tunnel;
