@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -40,6 +41,10 @@ pub struct Client {
     headers: HeaderMap,
     timeout: Duration,
     default_lifetime: Duration,
+    /// DPoP (RFC 9449): the key that proves possession, and the token
+    /// endpoint's latest nonce.
+    dpop: Option<Arc<crate::dpop::ProofKey>>,
+    dpop_nonce: arc_swap::ArcSwapOption<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +160,67 @@ impl Client {
             headers,
             timeout,
             default_lifetime,
+            dpop: None,
+            dpop_nonce: arc_swap::ArcSwapOption::empty(),
         })
+    }
+
+    /// Asks for DPoP-bound tokens, proving possession of `key` (RFC 9449
+    /// §5): a proof on every token request, and a `token_type` other than
+    /// `DPoP` in the answer is an error.
+    pub fn with_dpop(mut self, key: Arc<crate::dpop::ProofKey>) -> Self {
+        self.dpop = Some(key);
+        self
+    }
+
+    /// A DPoP proof for a token request to `url`, with the server's nonce.
+    fn dpop_proof(
+        &self,
+        key: &crate::dpop::ProofKey,
+        url: &url::Url,
+    ) -> Result<String, FetchError> {
+        let htu = crate::dpop::htu(
+            url.scheme(),
+            url.host_str().unwrap_or(""),
+            url.port_or_known_default(),
+            url.path(),
+        );
+        let nonce = self.dpop_nonce.load();
+        let iat = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (mut out, mut scratch) = (String::new(), String::new());
+        key.proof(
+            &mut out,
+            &crate::dpop::Claims {
+                htm: "POST",
+                htu: &htu,
+                iat,
+                ath: None,
+                nonce: nonce.as_deref().map(String::as_str),
+            },
+            &mut scratch,
+        )
+        .map_err(|e| FetchError::Secret(format!("DPoP proof: {e}")))?;
+        Ok(out)
+    }
+
+    /// Keeps the token endpoint's `DPoP-Nonce`; whether it changed.
+    fn note_dpop_nonce(&self, headers: &reqwest::header::HeaderMap) -> bool {
+        let Some(v) = headers.get("dpop-nonce").and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        if v.is_empty()
+            || v.len() > 512
+            || !v
+                .bytes()
+                .all(|b| (0x21..0x7f).contains(&b) && b != b'"' && b != b'\\')
+            || self.dpop_nonce.load().as_deref().map(String::as_str) == Some(v)
+        {
+            return false;
+        }
+        self.dpop_nonce.store(Some(Arc::new(v.to_owned())));
+        true
     }
 
     /// The HTTP client for this request: the shared one, or for
@@ -200,7 +265,34 @@ impl Client {
     pub async fn fetch(&self) -> Result<Parsed, FetchError> {
         let http = self.http()?;
         let url = self.token_url(&http).await?;
+        match self.fetch_once(&http, &url).await {
+            // RFC 9449 §8: the server wants a nonce in the proof; it gave
+            // one with this answer. Once, so a server that always asks for
+            // a new one cannot make the task loop.
+            Err(FetchError::Rejected {
+                status: 400,
+                error: Some(e),
+                ..
+            }) if e == "use_dpop_nonce"
+                && self.dpop.is_some()
+                && self.dpop_nonce.load().is_some() =>
+            {
+                tracing::info!(profile = %self.profile, "token endpoint asked for a DPoP nonce; retrying with it");
+                self.fetch_once(&http, &url).await
+            }
+            other => other,
+        }
+    }
+
+    async fn fetch_once(
+        &self,
+        http: &reqwest::Client,
+        url: &url::Url,
+    ) -> Result<Parsed, FetchError> {
         let mut request = http.post(url.clone()).headers(self.headers.clone());
+        if let Some(key) = &self.dpop {
+            request = request.header("dpop", self.dpop_proof(key, url)?);
+        }
         // The serializer is not Send: build the body before any await.
         let body = {
             let mut form = form_urlencoded::Serializer::new(String::new());
@@ -276,6 +368,9 @@ impl Client {
             .await
             .map_err(|e| self.transport_error(e))?;
         let status = response.status().as_u16();
+        if self.dpop.is_some() {
+            self.note_dpop_nonce(response.headers());
+        }
         let retry_after = response
             .headers()
             .get(RETRY_AFTER)
@@ -294,7 +389,14 @@ impl Client {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        response::parse(status, &body, retry_after, now_unix, self.default_lifetime)
+        response::parse_as(
+            status,
+            &body,
+            retry_after,
+            now_unix,
+            self.default_lifetime,
+            self.dpop.is_some(),
+        )
     }
 
     /// Without the URL: the error reaches 503 bodies, and the app is not

@@ -78,6 +78,9 @@ impl FetchError {
                 Some("invalid_target") => "invalid_target",
                 Some("temporarily_unavailable") => "temporarily_unavailable",
                 Some("server_error") => "server_error",
+                // RFC 9449 §5 and §8.
+                Some("invalid_dpop_proof") => "invalid_dpop_proof",
+                Some("use_dpop_nonce") => "use_dpop_nonce",
                 Some(_) => "other",
                 None => "http_status",
             },
@@ -106,6 +109,19 @@ pub fn parse(
     retry_after: Option<Duration>,
     now_unix: u64,
     default_lifetime: Duration,
+) -> Result<Parsed, FetchError> {
+    parse_as(status, body, retry_after, now_unix, default_lifetime, false)
+}
+
+/// [`parse`], for a request that asked for a DPoP-bound token (`dpop`):
+/// then the answer's `token_type` must be `DPoP`.
+pub fn parse_as(
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    now_unix: u64,
+    default_lifetime: Duration,
+    dpop: bool,
 ) -> Result<Parsed, FetchError> {
     let json: Option<Value> = serde_json::from_slice(body).ok();
     if !(200..300).contains(&status) {
@@ -141,6 +157,14 @@ pub fn parse(
         ));
     }
     match obj.get("token_type") {
+        // Asked for DPoP (RFC 9449 §5): anything else means the server
+        // ignored the proof and issued a token any holder could use.
+        Some(Value::String(t)) if dpop && t.eq_ignore_ascii_case("dpop") => {}
+        _ if dpop => {
+            return Err(invalid(
+                "token_type is not DPoP although a DPoP proof was sent (does the server support DPoP for this client?)",
+            ));
+        }
         // RFC 6749 requires it, but some servers leave it out; Bearer is meant.
         None => {}
         Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
@@ -497,6 +521,39 @@ b{}"}}"#,
         let e = parse(400, long.as_bytes(), None, NOW, DEFAULT).unwrap_err();
         let text = e.to_string();
         assert!(!text.contains('\n') && text.len() < 300, "{text}");
+    }
+
+    #[test]
+    fn dpop_asked_for_means_token_type_dpop() {
+        let ok = parse_as(
+            200,
+            br#"{"access_token":"a","token_type":"DPoP","expires_in":60}"#,
+            None,
+            NOW,
+            DEFAULT,
+            true,
+        )
+        .unwrap();
+        assert_eq!(ok.lifetime, Duration::from_secs(60));
+        // A server that ignored the proof: a Bearer token, or none said.
+        for body in [
+            &br#"{"access_token":"a","token_type":"Bearer","expires_in":60}"#[..],
+            br#"{"access_token":"a","expires_in":60}"#,
+        ] {
+            let e = parse_as(200, body, None, NOW, DEFAULT, true).unwrap_err();
+            assert!(e.to_string().contains("not DPoP"), "{e}");
+        }
+        // Not asked for: a DPoP token is refused, as before.
+        let e = parse_as(
+            200,
+            br#"{"access_token":"a","token_type":"DPoP"}"#,
+            None,
+            NOW,
+            DEFAULT,
+            false,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("DPoP is not supported"), "{e}");
     }
 
     #[test]

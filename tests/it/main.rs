@@ -9,6 +9,7 @@ mod broken_upstreams;
 mod connect;
 mod credentials;
 mod docs_reference;
+mod dpop;
 mod grpc;
 mod hostile_requests;
 mod hostile_tokens;

@@ -1,0 +1,137 @@
+//! DPoP at the token endpoint (RFC 9449 §5, §8), through the token client
+//! against a real HTTPS endpoint on 127.0.0.1 that checks each request's
+//! proof and can demand nonces. Issue 17, first steps: the client is built
+//! directly, as the config does not choose DPoP yet.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use token_injector::dpop::ProofKey;
+use token_injector::token::FetchError;
+use token_injector::token::client::{Client, HttpClients};
+use token_injector::token::response::Parsed;
+
+use crate::support::*;
+
+/// How the test endpoint answers a request with a valid proof.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// Demand nonce `n-1` until a proof carries it, then issue a DPoP token.
+    NonceOnce,
+    /// Demand a fresh nonce every time.
+    AlwaysNewNonce,
+    /// Ignore the proof and issue a Bearer token.
+    Bearer,
+}
+
+/// What the endpoint saw: each request's proof payload (None: no proof).
+type Seen = Arc<Mutex<Vec<Option<serde_json::Value>>>>;
+
+async fn endpoint(pki: &Pki, answer: Answer) -> (String, Seen) {
+    let seen: Seen = Arc::default();
+    let log = Arc::clone(&seen);
+    let addr = serve(Some(pki.server_config(&["localhost"])), move |req| {
+        let log = Arc::clone(&log);
+        async move {
+            let payload = req
+                .headers()
+                .get("dpop")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|p| {
+                    let mut it = p.split('.');
+                    let header: serde_json::Value =
+                        serde_json::from_slice(&B64.decode(it.next()?).ok()?).ok()?;
+                    assert_eq!(header["typ"], "dpop+jwt");
+                    assert!(header["jwk"].is_object());
+                    serde_json::from_slice(&B64.decode(it.next()?).ok()?).ok()
+                });
+            let n = {
+                let mut log = log.lock().unwrap();
+                log.push(payload.clone());
+                log.len()
+            };
+            let Some(p) = payload else {
+                return json(400, r#"{"error":"invalid_dpop_proof"}"#);
+            };
+            let nonce_error = |nonce: String| {
+                let mut r = json(
+                    400,
+                    r#"{"error":"use_dpop_nonce","error_description":"Authorization server requires nonce in DPoP proof"}"#,
+                );
+                r.headers_mut().insert("dpop-nonce", nonce.parse().unwrap());
+                r
+            };
+            match answer {
+                Answer::NonceOnce if p["nonce"] != "n-1" => nonce_error("n-1".into()),
+                Answer::AlwaysNewNonce => nonce_error(format!("n-{n}")),
+                Answer::Bearer => json(
+                    200,
+                    r#"{"access_token":"b","token_type":"Bearer","expires_in":60}"#,
+                ),
+                Answer::NonceOnce => json(
+                    200,
+                    r#"{"access_token":"d.p","token_type":"DPoP","expires_in":60}"#,
+                ),
+            }
+        }
+    })
+    .await;
+    (
+        format!("https://localhost:{}/oauth2/token", addr.port()),
+        seen,
+    )
+}
+
+async fn fetch(pki: &Pki, url: &str) -> Result<Parsed, FetchError> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), "s3cret").unwrap();
+    pki.write_ca(dir.path());
+    let text = format!(
+        "[profiles.p]\ntoken_url = \"{url}\"\nclient_id = \"c\"\nclient_secret_file = \"secret\"\nca_file = \"ca.pem\"\n\
+         [[routes]]\nhost = \"api.example\"\nprofile = \"p\"\n"
+    );
+    let config = token_injector::config::from_text(&text, dir.path(), Vec::new()).unwrap();
+    let mut http = HttpClients::new(Duration::from_secs(5));
+    let client = Client::new(&config.profiles["p"], &mut http, Duration::from_secs(300))
+        .unwrap()
+        .with_dpop(Arc::new(ProofKey::generate().unwrap()));
+    client.fetch().await
+}
+
+#[tokio::test]
+async fn token_request_carries_a_proof_and_retries_once_with_the_nonce() {
+    let pki = Pki::new();
+    let (url, seen) = endpoint(&pki, Answer::NonceOnce).await;
+    let parsed = fetch(&pki, &url).await.unwrap();
+    assert_eq!(parsed.access_token.expose(), "d.p");
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2, "one request, one retry with the nonce");
+    let (first, second) = (seen[0].as_ref().unwrap(), seen[1].as_ref().unwrap());
+    for p in [first, second] {
+        assert_eq!(p["htm"], "POST");
+        assert_eq!(p["htu"], url.as_str());
+        assert!(p.get("ath").is_none(), "no token yet, no ath");
+    }
+    assert!(first.get("nonce").is_none());
+    assert_eq!(second["nonce"], "n-1");
+    assert_ne!(first["jti"], second["jti"]);
+}
+
+#[tokio::test]
+async fn a_server_always_wanting_a_new_nonce_cannot_make_it_loop() {
+    let pki = Pki::new();
+    let (url, seen) = endpoint(&pki, Answer::AlwaysNewNonce).await;
+    let e = fetch(&pki, &url).await.unwrap_err();
+    assert_eq!(e.reason(), "use_dpop_nonce", "{e}");
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_server_that_ignores_the_proof_is_noticed() {
+    let pki = Pki::new();
+    let (url, _) = endpoint(&pki, Answer::Bearer).await;
+    let e = fetch(&pki, &url).await.unwrap_err();
+    assert!(e.to_string().contains("token_type is not DPoP"), "{e}");
+}
