@@ -144,6 +144,19 @@ pub struct Claims<'a> {
     pub nonce: Option<&'a str>,
 }
 
+/// Nonces are opaque strings chosen by a server; longer ones are ignored
+/// rather than echoed into every proof.
+pub const MAX_NONCE: usize = 512;
+
+/// Whether a `DPoP-Nonce` value may go into proofs: RFC 9449 §8's NQCHAR
+/// (printable ASCII but `"` and `\`), not empty, at most [`MAX_NONCE`].
+pub fn valid_nonce(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= MAX_NONCE
+        && v.bytes()
+            .all(|b| (0x21..0x7f).contains(&b) && b != b'"' && b != b'\\')
+}
+
 /// `ath`: base64url of the SHA-256 of the access token (RFC 9449 §4.2).
 pub fn ath(access_token: &[u8]) -> String {
     B64.encode(ring::digest::digest(&ring::digest::SHA256, access_token))

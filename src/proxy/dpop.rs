@@ -24,10 +24,6 @@ use crate::token::Token;
 static DPOP: HeaderName = HeaderName::from_static("dpop");
 static DPOP_NONCE: HeaderName = HeaderName::from_static("dpop-nonce");
 
-/// Nonces are opaque strings chosen by the server; longer ones are ignored
-/// rather than echoed into every proof.
-const MAX_NONCE: usize = 512;
-
 thread_local! {
     /// Per worker thread: the proof and the claims' JSON, reused.
     static BUFFERS: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
@@ -54,13 +50,7 @@ impl Dpop {
         let Some(v) = headers.get(&DPOP_NONCE).and_then(|v| v.to_str().ok()) else {
             return false;
         };
-        // RFC 9449 §8: a nonce is NQCHAR (printable ASCII but `"` and `\`).
-        if v.is_empty()
-            || v.len() > MAX_NONCE
-            || !v
-                .bytes()
-                .all(|b| (0x21..0x7f).contains(&b) && b != b'"' && b != b'\\')
-        {
+        if !crate::dpop::valid_nonce(v) {
             return false;
         }
         if self.nonce.load().as_deref().map(String::as_str) == Some(v) {
@@ -181,7 +171,10 @@ mod tests {
             response.insert("dpop-nonce", bad.parse().unwrap());
             assert!(!d.note_nonce(&response), "{bad:?}");
         }
-        response.insert("dpop-nonce", "x".repeat(MAX_NONCE + 1).parse().unwrap());
+        response.insert(
+            "dpop-nonce",
+            "x".repeat(crate::dpop::MAX_NONCE + 1).parse().unwrap(),
+        );
         assert!(!d.note_nonce(&response));
         assert_eq!(payload(&send(&d, Method::GET, "https://h/"))["nonce"], "n2");
     }

@@ -210,11 +210,7 @@ impl Client {
         let Some(v) = headers.get("dpop-nonce").and_then(|v| v.to_str().ok()) else {
             return false;
         };
-        if v.is_empty()
-            || v.len() > 512
-            || !v
-                .bytes()
-                .all(|b| (0x21..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        if !crate::dpop::valid_nonce(v)
             || self.dpop_nonce.load().as_deref().map(String::as_str) == Some(v)
         {
             return false;

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
-use crate::support::redis::{Server, metric_sum, signal, write_key, write_private};
+use crate::support::redis::{
+    Server, cache_table, leases, metric_sum, reads, signal, url_target, write_key, write_private,
+};
 use crate::support::reload::write_config;
 use crate::support::*;
 
@@ -196,29 +198,7 @@ fn tokens_of(w: &World, n: usize) -> Vec<String> {
 }
 
 fn cache_config(w: &World, r: &Server, extra: &str) -> String {
-    w.config(
-        "",
-        &format!(
-            "[cache]\nredis_url = \"{}\"\nencryption_key_file = \"{KEY_FILE}\"\n{extra}\n",
-            r.url()
-        ),
-    )
-}
-
-fn reads(text: &str, result: &str) -> f64 {
-    metric_sum(
-        text,
-        "token_injector_shared_cache_reads_total",
-        &[("profile", "main"), ("result", result)],
-    )
-}
-
-fn leases(text: &str, outcome: &str) -> f64 {
-    metric_sum(
-        text,
-        "token_injector_shared_cache_leases_total",
-        &[("profile", "main"), ("outcome", outcome)],
-    )
+    w.config("", &cache_table(&url_target(r), KEY_FILE, extra))
 }
 
 /// Three instances share 10 s tokens. At the first renewal the token

@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
-use crate::support::redis::{Sentinels, Server, metric_sum, write_key, write_private};
+use crate::support::redis::{
+    Sentinels, Server, cache_table, errors, fallbacks, leases, metric_sum, reads, up, url_target,
+    write_key, write_private,
+};
 use crate::support::*;
 
 /// Bound of every wait for something that can be awaited.
@@ -32,16 +35,6 @@ const ENTRIES: &str = "token-injector:token:*";
 
 // ---------------------------------------------------------------------------
 // Fixtures
-
-/// A `[cache]` table: `target` (`redis_url = …` or the Sentinel keys),
-/// `extra` lines, and the key file.
-fn cache_table(target: &str, key_file: &str, extra: &str) -> String {
-    format!("[cache]\n{target}\nencryption_key_file = \"{key_file}\"\n{extra}\n")
-}
-
-fn url_target(r: &Server) -> String {
-    format!("redis_url = \"{}\"", r.url())
-}
 
 /// `w.config` with a `[cache]` table on the plain Redis `r`.
 fn fleet_config(w: &World, r: &Server) -> String {
@@ -168,44 +161,6 @@ impl Traffic {
         }
         (ok, failures)
     }
-}
-
-/// `token_injector_shared_cache_up`, if present.
-fn up(text: &str) -> Option<f64> {
-    metric_value(text, "token_injector_shared_cache_up ")
-}
-
-fn reads(text: &str, result: &str) -> f64 {
-    metric_sum(
-        text,
-        "token_injector_shared_cache_reads_total",
-        &[("profile", "main"), ("result", result)],
-    )
-}
-
-fn leases(text: &str, outcome: &str) -> f64 {
-    metric_sum(
-        text,
-        "token_injector_shared_cache_leases_total",
-        &[("profile", "main"), ("outcome", outcome)],
-    )
-}
-
-fn fallbacks(text: &str) -> f64 {
-    metric_sum(
-        text,
-        "token_injector_shared_cache_fallbacks_total",
-        &[("profile", "main")],
-    )
-}
-
-fn errors(text: &str, kind: &str) -> f64 {
-    let labels: &[(&str, &str)] = if kind.is_empty() {
-        &[]
-    } else {
-        &[("kind", kind)]
-    };
-    metric_sum(text, "token_injector_shared_cache_errors_total", labels)
 }
 
 /// Every instance's `/metrics`.

@@ -86,6 +86,59 @@ pub fn write_key(dir: &Path, name: &str) -> Vec<u8> {
     key.to_vec()
 }
 
+/// A `[cache]` table: `target` (`redis_url = …` or the Sentinel keys),
+/// `extra` lines, and the key file.
+pub fn cache_table(target: &str, key_file: &str, extra: &str) -> String {
+    format!("[cache]\n{target}\nencryption_key_file = \"{key_file}\"\n{extra}\n")
+}
+
+/// The `redis_url` line for the plain Redis `r`.
+pub fn url_target(r: &Server) -> String {
+    format!("redis_url = \"{}\"", r.url())
+}
+
+/// `token_injector_shared_cache_up`, if present.
+pub fn up(text: &str) -> Option<f64> {
+    super::metric_value(text, "token_injector_shared_cache_up ")
+}
+
+/// The fleet tests' profile `main`: its shared-cache reads with `result`.
+pub fn reads(text: &str, result: &str) -> f64 {
+    metric_sum(
+        text,
+        "token_injector_shared_cache_reads_total",
+        &[("profile", "main"), ("result", result)],
+    )
+}
+
+/// Profile `main`'s leases with `outcome`.
+pub fn leases(text: &str, outcome: &str) -> f64 {
+    metric_sum(
+        text,
+        "token_injector_shared_cache_leases_total",
+        &[("profile", "main"), ("outcome", outcome)],
+    )
+}
+
+/// Profile `main`'s fallbacks to fetching alone.
+pub fn fallbacks(text: &str) -> f64 {
+    metric_sum(
+        text,
+        "token_injector_shared_cache_fallbacks_total",
+        &[("profile", "main")],
+    )
+}
+
+/// Redis errors of `kind` (every kind when empty).
+pub fn errors(text: &str, kind: &str) -> f64 {
+    let labels: &[(&str, &str)] = if kind.is_empty() {
+        &[]
+    } else {
+        &[("kind", kind)]
+    };
+    metric_sum(text, "token_injector_shared_cache_errors_total", labels)
+}
+
 /// The sum of every series of metric `name` whose labels include all of
 /// `labels` (in any order); 0 when there is none.
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
