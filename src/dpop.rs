@@ -2,16 +2,23 @@
 //! proof's header, and a proof per request bound to its method and URL
 //! (and, at a resource server, to the token by `ath`).
 //!
-//! The first step of sender-constrained tokens (issue 17): the proofs
-//! themselves, built for the request path. The key is parsed once, the JWS
-//! header (with the public JWK) is encoded once, and each proof is written
-//! into a caller's reused buffer: one signature and no parsing per request.
-//! Not wired to the config or the proxy yet.
+//! Built for the request path: the key is parsed once, the JWS header (with
+//! the public JWK) is encoded once, and each proof is written into a
+//! caller's reused buffer: one signature and no parsing per request.
+//! [`ProfileKey`] is a profile's key over time (generated, or read from
+//! `dpop_key_file` and re-read when it changes); [`Server`] is what one
+//! server (a token endpoint, an upstream origin) told us about proofs: its
+//! nonce and its clock.
 //!
 //! Nothing here logs; a [`ProofKey`]'s Debug names the algorithm and the
 //! key's thumbprint, which is public.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -47,7 +54,28 @@ pub const ALGS: [&str; 4] = ["ES256", "EdDSA", "PS256", "RS256"];
 impl ProofKey {
     /// A fresh EC P-256 key (ES256), held in memory only.
     pub fn generate() -> Result<Self, KeyError> {
+        Self::generate_for(Alg::ES256)
+    }
+
+    /// A fresh key for `alg`, held in memory only: EC P-256 for ES256,
+    /// Ed25519 for EdDSA. RSA keys are not generated (too slow, and ring
+    /// cannot); they come from a file.
+    pub fn generate_for(alg: Alg) -> Result<Self, KeyError> {
         let rng = SystemRandom::new();
+        if alg == Alg::EdDSA {
+            let pkcs8 =
+                signature::Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| KeyError::Sign)?;
+            let pair = signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+                .map_err(|_| KeyError::Sign)?;
+            return Self::new(SigningKey::Ed25519(pair), Some(Alg::EdDSA));
+        }
+        if alg != Alg::ES256 {
+            return Err(KeyError::AlgMismatch {
+                alg,
+                kind: "generated",
+                allowed: "ES256, EdDSA (an RSA key must come from dpop_key_file)".into(),
+            });
+        }
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
             .map_err(|_| KeyError::Sign)?;
         let pair = EcdsaKeyPair::from_pkcs8(
@@ -166,19 +194,31 @@ pub fn ath(access_token: &[u8]) -> String {
 /// port only if it is not the scheme's default, scheme and host in lower
 /// case.
 pub fn htu(scheme: &str, host: &str, port: Option<u16>, path: &str) -> String {
-    let scheme = scheme.to_ascii_lowercase();
-    let default = match scheme.as_str() {
+    let mut out = String::new();
+    write_htu(&mut out, scheme, host, port, path);
+    out
+}
+
+/// [`htu`] into `out` (cleared first), for a reused buffer.
+pub fn write_htu(out: &mut String, scheme: &str, host: &str, port: Option<u16>, path: &str) {
+    out.clear();
+    let start = out.len();
+    out.push_str(scheme);
+    out[start..].make_ascii_lowercase();
+    let default = match &out[start..] {
         "https" => Some(443),
         "http" => Some(80),
         _ => None,
     };
-    let path = path.split(['?', '#']).next().unwrap_or("");
-    let path = if path.is_empty() { "/" } else { path };
-    let host = host.to_ascii_lowercase();
-    match port.filter(|p| Some(*p) != default) {
-        Some(p) => format!("{scheme}://{host}:{p}{path}"),
-        None => format!("{scheme}://{host}{path}"),
+    out.push_str("://");
+    let h = out.len();
+    out.push_str(host);
+    out[h..].make_ascii_lowercase();
+    if let Some(p) = port.filter(|p| Some(*p) != default) {
+        let _ = write!(out, ":{p}");
     }
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    out.push_str(if path.is_empty() { "/" } else { path });
 }
 
 /// Appends `s` as a JSON string literal.
@@ -247,6 +287,162 @@ impl Jwk {
             &ring::digest::SHA256,
             self.json().as_bytes(),
         ))
+    }
+}
+
+/// A profile's DPoP key over time: generated at start (memory only), or
+/// read from `dpop_key_file`. The file is looked at before each token
+/// request, so a rotated key binds the next token; a file that no longer
+/// loads keeps the key in use (logged once per change). Tokens carry the
+/// key they are bound to, so requests sign with the right one throughout.
+pub struct ProfileKey {
+    file: Option<std::path::PathBuf>,
+    alg: Option<Alg>,
+    profile: String,
+    /// The key in use and the SHA-256 of the file it came from (and of a
+    /// file last seen not to load, so that is logged once).
+    current: std::sync::Mutex<(Arc<ProofKey>, Option<ring::digest::Digest>)>,
+}
+
+impl std::fmt::Debug for ProfileKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProfileKey")
+            .field("file", &self.file)
+            .field("profile", &self.profile)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProfileKey {
+    /// Loads `file` (or generates a key for `alg`, default ES256).
+    pub fn new(
+        profile: &str,
+        file: Option<&std::path::Path>,
+        alg: Option<Alg>,
+    ) -> Result<Self, KeyError> {
+        let (key, digest) = match file {
+            Some(path) => {
+                let (key, digest) = load(path, alg)?;
+                (key, Some(digest))
+            }
+            None => (ProofKey::generate_for(alg.unwrap_or(Alg::ES256))?, None),
+        };
+        Ok(Self {
+            file: file.map(Into::into),
+            alg,
+            profile: profile.to_owned(),
+            current: std::sync::Mutex::new((Arc::new(key), digest)),
+        })
+    }
+
+    /// The key to bind the next token to: the file's if it changed and
+    /// loads, else the one in use. Called per token request, never per
+    /// proxied request.
+    pub fn current(&self) -> Arc<ProofKey> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(path) = &self.file else {
+            return Arc::clone(&current.0);
+        };
+        let digest = std::fs::read(path)
+            .ok()
+            .map(|b| ring::digest::digest(&ring::digest::SHA256, &zeroize::Zeroizing::new(b)));
+        let changed = match (&digest, &current.1) {
+            (Some(d), Some(c)) => d.as_ref() != c.as_ref(),
+            (None, _) | (Some(_), None) => true,
+        };
+        if changed {
+            match load(path, self.alg) {
+                Ok((key, d)) => {
+                    tracing::info!(profile = %self.profile, jkt = %key.thumbprint(), "DPoP key file changed; the next tokens are bound to the new key");
+                    *current = (Arc::new(key), Some(d));
+                }
+                Err(e) => {
+                    tracing::warn!(profile = %self.profile, error = %e, "dpop_key_file does not load; the key in use stays");
+                    current.1 = digest;
+                }
+            }
+        }
+        Arc::clone(&current.0)
+    }
+}
+
+fn load(
+    path: &std::path::Path,
+    alg: Option<Alg>,
+) -> Result<(ProofKey, ring::digest::Digest), KeyError> {
+    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|source| KeyError::Read {
+        path: path.display().to_string(),
+        source,
+    })?);
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    let key = ProofKey::new(SigningKey::load(path)?, alg)?;
+    Ok((key, digest))
+}
+
+/// Below this, a server's clock is taken to agree with ours: `Date` has a
+/// one-second resolution and servers allow some leeway anyway.
+const SKEW_TOLERANCE: i64 = 5;
+
+/// What one server (a token endpoint, or an upstream origin) told us about
+/// proofs: its latest `DPoP-Nonce`, and how far its clock is from ours
+/// (learned from its `Date` when it refused a proof). Read per request
+/// without locks.
+#[derive(Debug, Default)]
+pub struct Server {
+    nonce: ArcSwapOption<String>,
+    skew: AtomicI64,
+}
+
+impl Server {
+    /// Keeps a `DPoP-Nonce` value from a response (success or error).
+    /// Whether it changed; a malformed one is ignored.
+    pub fn note_nonce(&self, value: Option<&[u8]>) -> bool {
+        let Some(v) = value.and_then(|v| std::str::from_utf8(v).ok()) else {
+            return false;
+        };
+        if !valid_nonce(v) || self.nonce.load().as_deref().map(String::as_str) == Some(v) {
+            return false;
+        }
+        self.nonce.store(Some(Arc::new(v.to_owned())));
+        true
+    }
+
+    /// The nonce for the next proof, if the server gave one.
+    pub fn nonce(&self) -> arc_swap::Guard<Option<Arc<String>>> {
+        self.nonce.load()
+    }
+
+    /// `iat` for a proof to this server: now on its clock, as far as known.
+    pub fn iat(&self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        (now + self.skew.load(Ordering::Relaxed)).max(0) as u64
+    }
+
+    /// The server refused a proof: if its `Date` is far from our clock,
+    /// its clock is used for its later proofs. Whether that changed (then
+    /// a new proof may succeed).
+    pub fn learn_skew(&self, date: Option<&[u8]>, who: &str) -> bool {
+        let Some(at) = date
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(crate::token::client::parse_imf_fixdate)
+        else {
+            return false;
+        };
+        let now = SystemTime::now();
+        let skew = match at.duration_since(now) {
+            Ok(ahead) => ahead.as_secs() as i64,
+            Err(behind) => -(behind.duration().as_secs() as i64),
+        };
+        let old = self.skew.load(Ordering::Relaxed);
+        if (skew - old).abs() < SKEW_TOLERANCE {
+            return false;
+        }
+        let skew = if skew.abs() < SKEW_TOLERANCE { 0 } else { skew };
+        self.skew.store(skew, Ordering::Relaxed);
+        tracing::warn!(server = %who, skew_s = skew, "a DPoP proof was refused and the server's clock differs from ours; proofs to it use its clock");
+        true
     }
 }
 
@@ -436,5 +632,48 @@ mod tests {
         let (_, payload) = verify(&out);
         assert_eq!(payload["htu"], "https://h/a\"b\\c");
         assert_eq!(payload["nonce"], "n\u{1}");
+    }
+
+    #[test]
+    fn a_profile_key_follows_its_file_and_keeps_the_last_good_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dpop.pem");
+        let write = |alg| {
+            let kp = rcgen::KeyPair::generate_for(alg).unwrap();
+            std::fs::write(&path, kp.serialize_pem()).unwrap();
+        };
+        write(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let key = ProfileKey::new("p", Some(&path), None).unwrap();
+        let first = key.current();
+        assert_eq!(first.alg(), Alg::ES256);
+        assert_eq!(
+            key.current().thumbprint(),
+            first.thumbprint(),
+            "unchanged file"
+        );
+        write(&rcgen::PKCS_ED25519);
+        let second = key.current();
+        assert_eq!(second.alg(), Alg::EdDSA);
+        assert_ne!(second.thumbprint(), first.thumbprint());
+        std::fs::write(&path, "not a key").unwrap();
+        assert_eq!(
+            key.current().thumbprint(),
+            second.thumbprint(),
+            "a bad file keeps the key"
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            key.current().thumbprint(),
+            second.thumbprint(),
+            "so does a missing one"
+        );
+        // Without a file: generated once, for the algorithm asked.
+        let generated = ProfileKey::new("p", None, Some(Alg::EdDSA)).unwrap();
+        assert_eq!(generated.current().alg(), Alg::EdDSA);
+        assert_eq!(
+            generated.current().thumbprint(),
+            generated.current().thumbprint()
+        );
+        assert!(ProofKey::generate_for(Alg::PS256).is_err());
     }
 }

@@ -250,6 +250,9 @@ pub struct TokenMetrics {
     consecutive_failures: IntGaugeVec,
     fetch_errors: IntCounterVec,
     coalesced: IntCounterVec,
+    dpop_proofs: IntCounterVec,
+    dpop_nonce_retries: IntCounterVec,
+    dpop_errors: IntCounterVec,
 }
 
 impl TokenMetrics {
@@ -301,6 +304,40 @@ impl TokenMetrics {
                 "Requests that waited for a token fetch already in flight instead of starting one.",
                 &["profile"],
             ),
+            dpop_proofs: counter_vec(
+                r,
+                "token_injector_dpop_proofs_total",
+                "DPoP proofs signed, by profile (token requests and proxied requests).",
+                &["profile"],
+            ),
+            dpop_nonce_retries: counter_vec(
+                r,
+                "token_injector_dpop_nonce_retries_total",
+                "Requests sent again with a new DPoP proof after a server asked for a nonce (or refused a proof for our clock), by profile and side (token_endpoint, upstream).",
+                &["profile", "side"],
+            ),
+            dpop_errors: counter_vec(
+                r,
+                "token_injector_dpop_errors_total",
+                "DPoP proofs a server still refused (invalid_dpop_proof, use_dpop_nonce after the one retry) or that could not be signed (signing), by profile.",
+                &["profile", "reason"],
+            ),
+        }
+    }
+
+    /// The DPoP counters of one profile, resolved once (a DPoP profile's
+    /// series appear when it starts).
+    pub fn dpop(&self, profile: &str) -> DpopMetrics {
+        DpopMetrics {
+            name: profile.into(),
+            proofs: self.dpop_proofs.with_label_values(&[profile]),
+            nonce_token_endpoint: self
+                .dpop_nonce_retries
+                .with_label_values(&[profile, "token_endpoint"]),
+            nonce_upstream: self
+                .dpop_nonce_retries
+                .with_label_values(&[profile, "upstream"]),
+            errors: self.dpop_errors.clone(),
         }
     }
 
@@ -328,6 +365,39 @@ impl TokenMetrics {
         let _ = self.consecutive_failures.remove_label_values(&[profile]);
         let _ = self.coalesced.remove_label_values(&[profile]);
         remove_series_with(&self.fetch_errors, "profile", profile);
+        let _ = self.dpop_proofs.remove_label_values(&[profile]);
+        remove_series_with(&self.dpop_nonce_retries, "profile", profile);
+        remove_series_with(&self.dpop_errors, "profile", profile);
+    }
+}
+
+/// One DPoP profile's counters.
+#[derive(Clone)]
+pub struct DpopMetrics {
+    name: std::sync::Arc<str>,
+    pub proofs: IntCounter,
+    pub nonce_token_endpoint: IntCounter,
+    pub nonce_upstream: IntCounter,
+    errors: IntCounterVec,
+}
+
+impl std::fmt::Debug for DpopMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DpopMetrics")
+            .field("profile", &self.name)
+            .finish()
+    }
+}
+
+impl DpopMetrics {
+    /// A proof a server still refused, or one that could not be signed.
+    pub fn error(&self, reason: &str) {
+        self.errors.with_label_values(&[&*self.name, reason]).inc();
+    }
+
+    /// Counters registered nowhere (tests, tools).
+    pub fn detached() -> Self {
+        TokenMetrics::register(&Registry::new()).dpop("-")
     }
 }
 

@@ -47,6 +47,8 @@ pub enum StartError {
     Policy(String),
     #[error(transparent)]
     Cache(#[from] crate::cache::BuildError),
+    #[error("{0}")]
+    Dpop(String),
 }
 
 impl From<profiles::Error> for StartError {
@@ -55,6 +57,7 @@ impl From<profiles::Error> for StartError {
             profiles::Error::Client(e) => StartError::TokenClient(e),
             profiles::Error::Policy(p) => StartError::Policy(p),
             profiles::Error::Cache(e) => StartError::Cache(e),
+            e @ profiles::Error::Dpop(..) => StartError::Dpop(e.to_string()),
         }
     }
 }
@@ -89,7 +92,7 @@ impl State {
         let tokens = self
             .profiles
             .prepare(config, &metrics.tokens, &metrics.cache)?;
-        let proxy = proxy::Proxy::build(config, tokens.stores(), &metrics.proxy)?;
+        let proxy = proxy::Proxy::build(config, tokens.stores(), &metrics.proxy, &metrics.tokens)?;
         let bound = self.listeners.prepare(config)?;
         Ok(Prepared {
             tokens,

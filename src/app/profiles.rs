@@ -25,6 +25,8 @@ pub enum Error {
     Policy(String),
     #[error(transparent)]
     Cache(#[from] cache::BuildError),
+    #[error("profiles.{0}.dpop_key_file: {1}")]
+    Dpop(String, crate::keys::KeyError),
 }
 
 /// What a profile's credential depends on: equal settings keep the store.
@@ -115,8 +117,18 @@ impl Profiles {
                     );
                     let obtain = match &settings {
                         Settings::Grant(g) => {
-                            let client =
-                                Arc::new(Client::new(&g.0, &mut http, policy.default_lifetime())?);
+                            let mut client =
+                                Client::new(&g.0, &mut http, policy.default_lifetime())?;
+                            if let Some(d) = &g.0.dpop {
+                                let key = crate::dpop::ProfileKey::new(
+                                    &name,
+                                    d.key_file.as_deref(),
+                                    d.alg,
+                                )
+                                .map_err(|e| Error::Dpop(name.clone(), e))?;
+                                client = client.with_dpop(Arc::new(key), metrics.dpop(&name));
+                            }
+                            let client = Arc::new(client);
                             match (&g.2, &backend) {
                                 (Some(_), Some((_, b))) => {
                                     Obtain::Shared(Arc::new(cache::Shared::new(

@@ -55,12 +55,25 @@ pub struct Shared<S> {
     inner: Arc<S>,
     backend: Arc<Backend>,
     profile: Arc<str>,
-    entry: String,
-    lease: String,
+    /// What the entry's name is made of, for names made again when a DPoP
+    /// key file changes: the profile and its binding beyond the DPoP key.
+    identity: crate::config::Profile,
+    binding: Vec<u8>,
+    /// The entry and lease names for the DPoP key in use (or for none).
+    names: arc_swap::ArcSwap<Names>,
     /// How long a lease lives and how long losers wait: a token request's
     /// own bound, `tokens.request_timeout`.
     lease_ttl: Duration,
     policy: Policy,
+}
+
+/// The Redis keys of one profile's entry and lease. A DPoP-bound token is
+/// usable only with its key, so a DPoP profile's names include the key's
+/// thumbprint: a rotated key meets only tokens bound to it.
+struct Names {
+    entry: String,
+    lease: String,
+    dpop: Option<Arc<crate::dpop::ProofKey>>,
 }
 
 /// What a read of the entry found.
@@ -94,10 +107,11 @@ impl<S: Source> Shared<S> {
                 .unwrap_or_else(|_| cert_file.to_string_lossy().as_bytes().to_vec()),
             _ => Vec::new(),
         };
-        let id = backend.keys.entry_id(profile, &binding);
+        let names = Self::make_names(&backend, profile, &binding, inner.dpop_key());
         Self {
-            entry: format!("{}:token:{id}", backend.prefix),
-            lease: format!("{}:lease:{id}", backend.prefix),
+            names: arc_swap::ArcSwap::from_pointee(names),
+            identity: profile.clone(),
+            binding,
             inner,
             backend,
             profile: profile.name.as_str().into(),
@@ -106,36 +120,74 @@ impl<S: Source> Shared<S> {
         }
     }
 
-    /// The entry's Redis key (tests, logs).
-    pub fn entry_key(&self) -> &str {
-        &self.entry
+    fn make_names(
+        backend: &Backend,
+        profile: &crate::config::Profile,
+        binding: &[u8],
+        dpop: Option<Arc<crate::dpop::ProofKey>>,
+    ) -> Names {
+        let mut binding = binding.to_vec();
+        if let Some(key) = &dpop {
+            binding.extend_from_slice(b"\0dpop:");
+            binding.extend_from_slice(key.thumbprint().as_bytes());
+        }
+        let id = backend.keys.entry_id(profile, &binding);
+        Names {
+            entry: format!("{}:token:{id}", backend.prefix),
+            lease: format!("{}:lease:{id}", backend.prefix),
+            dpop,
+        }
     }
 
-    async fn read(&self, attempt: &Attempt) -> Read {
-        let read = match self.backend.redis.get(&self.entry).await {
+    /// The names for the DPoP key the next token is bound to.
+    fn names(&self) -> Arc<Names> {
+        let names = self.names.load_full();
+        let Some(key) = self.inner.dpop_key() else {
+            return names;
+        };
+        if names.dpop.as_ref().map(|k| k.thumbprint()) == Some(key.thumbprint()) {
+            return names;
+        }
+        let fresh = Arc::new(Self::make_names(
+            &self.backend,
+            &self.identity,
+            &self.binding,
+            Some(key),
+        ));
+        self.names.store(Arc::clone(&fresh));
+        fresh
+    }
+
+    /// The entry's Redis key (tests, logs).
+    pub fn entry_key(&self) -> String {
+        self.names.load().entry.clone()
+    }
+
+    async fn read(&self, n: &Names, attempt: &Attempt) -> Read {
+        let read = match self.backend.redis.get(&n.entry).await {
             Err(_) => Read::Error,
-            Ok(value) => self.open(value, attempt).await,
+            Ok(value) => self.open(n, value, attempt).await,
         };
         self.count(&read);
         read
     }
 
     /// What an entry's value (or its absence) holds for this attempt.
-    async fn open(&self, found: Option<Found>, attempt: &Attempt) -> Read {
+    async fn open(&self, n: &Names, found: Option<Found>, attempt: &Attempt) -> Read {
         let Some(Found { value: raw, ttl }) = found else {
             return Read::Miss;
         };
-        match self.backend.keys.open(&self.entry, &raw) {
+        match self.backend.keys.open(&n.entry, &raw) {
             Err(why) => {
                 tracing::warn!(
                     profile = %self.profile,
-                    entry = %self.entry,
+                    entry = %n.entry,
                     reason = %why,
                     "shared cache entry ignored"
                 );
                 Read::Undecryptable
             }
-            Ok(opened) => self.judge(opened, ttl, attempt, &raw).await,
+            Ok(opened) => self.judge(n, opened, ttl, attempt, &raw).await,
         }
     }
 
@@ -153,6 +205,7 @@ impl<S: Source> Shared<S> {
     /// Whether an opened entry holds a token to adopt.
     async fn judge(
         &self,
+        n: &Names,
         opened: Opened,
         ttl: Option<Duration>,
         attempt: &Attempt,
@@ -164,11 +217,7 @@ impl<S: Source> Shared<S> {
         {
             // An upstream refused it here: no replica should adopt it again.
             // Only if it is still there: another may have renewed already.
-            let _ = self
-                .backend
-                .redis
-                .delete_if("delete", &self.entry, raw)
-                .await;
+            let _ = self.backend.redis.delete_if("delete", &n.entry, raw).await;
             return Read::Stale;
         }
         if attempt.knows(token) {
@@ -207,12 +256,18 @@ impl<S: Source> Shared<S> {
             lifetime,
             scope: None,
             issued: Some(issued),
+            dpop: n.dpop.clone(),
         })
     }
 
     /// Fetches with the lease held, writes the entry and releases the lease
     /// (one round trip), or only releases it if the fetch failed.
-    async fn fetch_and_share(&self, attempt: Attempt, lease: &str) -> Result<Parsed, FetchError> {
+    async fn fetch_and_share(
+        &self,
+        n: &Names,
+        attempt: Attempt,
+        lease: &str,
+    ) -> Result<Parsed, FetchError> {
         let sent_wall = SystemTime::now();
         let sent = Instant::now();
         let result = self.inner.fetch(attempt).await;
@@ -221,10 +276,15 @@ impl<S: Source> Shared<S> {
             Ok(parsed) => parsed.lifetime.saturating_sub(sent.elapsed()),
             Err(_) => Duration::ZERO,
         };
+        // Bound to another DPoP key than the names say (the key file
+        // changed meanwhile): not this entry's to hold.
+        let same_key = |p: &Parsed| {
+            p.dpop.as_ref().map(|k| k.thumbprint()) == n.dpop.as_ref().map(|k| k.thumbprint())
+        };
         match &result {
-            Ok(parsed) if !left.is_zero() => {
+            Ok(parsed) if !left.is_zero() && same_key(parsed) => {
                 let value = b.keys.seal(
-                    &self.entry,
+                    &n.entry,
                     sent_wall,
                     parsed.lifetime,
                     parsed.access_token.expose(),
@@ -232,13 +292,13 @@ impl<S: Source> Shared<S> {
                 // The Redis TTL is the token's remaining life.
                 let _ = b
                     .redis
-                    .write_and_release(&self.entry, &value, left, &self.lease, lease)
+                    .write_and_release(&n.entry, &value, left, &n.lease, lease)
                     .await;
             }
             _ => {
                 let _ = b
                     .redis
-                    .delete_if("release", &self.lease, lease.as_bytes())
+                    .delete_if("release", &n.lease, lease.as_bytes())
                     .await;
             }
         }
@@ -255,7 +315,8 @@ impl<S: Source> Shared<S> {
 impl<S: Source> Source for Shared<S> {
     async fn fetch(&self, attempt: Attempt) -> Result<Parsed, FetchError> {
         let b = &self.backend;
-        match self.read(&attempt).await {
+        let n = &*self.names();
+        match self.read(n, &attempt).await {
             Read::Hit(parsed) => return Ok(parsed),
             Read::Error => return self.alone(attempt).await,
             Read::Miss | Read::Stale | Read::Undecryptable => {}
@@ -284,20 +345,20 @@ impl<S: Source> Source for Shared<S> {
         loop {
             let (won, entry) = match b
                 .redis
-                .lease_and_read(&self.lease, &lease, self.lease_ttl, &self.entry)
+                .lease_and_read(&n.lease, &lease, self.lease_ttl, &n.entry)
                 .await
             {
                 Ok(r) => r,
                 Err(_) => return self.alone(attempt).await,
             };
-            let read = self.open(entry, &attempt).await;
+            let read = self.open(n, entry, &attempt).await;
             self.count(&read);
             match (read, won) {
                 (Read::Hit(parsed), won) => {
                     if won {
                         let _ = b
                             .redis
-                            .delete_if("release", &self.lease, lease.as_bytes())
+                            .delete_if("release", &n.lease, lease.as_bytes())
                             .await;
                     }
                     b.metrics.lease(&self.profile, "waited");
@@ -313,7 +374,7 @@ impl<S: Source> Source for Shared<S> {
                     } else {
                         b.metrics.lease(&self.profile, "won");
                     }
-                    return self.fetch_and_share(attempt, &lease).await;
+                    return self.fetch_and_share(n, attempt, &lease).await;
                 }
                 (_, false) => {}
             }

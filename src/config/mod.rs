@@ -26,7 +26,7 @@ use std::path::Path;
 pub use error::{Error, Problem};
 pub use load::ENV_PREFIX;
 pub use types::{
-    Admin, BasicEncoding, Cache, CacheMode, ClientAuth, ClientCert, Config, Endpoint, GRANTS,
+    Admin, BasicEncoding, Cache, CacheMode, ClientAuth, ClientCert, Config, Dpop, Endpoint, GRANTS,
     METHODS, Profile, Proxy, RedisTarget, Route, Static, Tokens, Unmatched, Upstream,
     UpstreamProtocol, UpstreamTarget,
 };

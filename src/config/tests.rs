@@ -1076,3 +1076,125 @@ mod secret_files {
         assert_eq!(keys, ["routes[0].client_key_file"]);
     }
 }
+
+#[test]
+fn dpop_keys_are_checked_and_shape_the_routes() {
+    let dir = dir_with_secret();
+    write_key(&dir, "ec.pem", &rcgen::PKCS_ECDSA_P256_SHA256);
+    write_key(&dir, "ed.pem", &rcgen::PKCS_ED25519);
+    write_key(&dir, "p384.pem", &rcgen::PKCS_ECDSA_P384_SHA384);
+    std::fs::write(dir.path().join("junk.pem"), "junk").unwrap();
+    let with = |keys: &str| {
+        GOOD.replace(
+            "client_secret_file = \"secret\"\n",
+            &format!("client_secret_file = \"secret\"\n{keys}\n"),
+        )
+    };
+    // Generated key (ES256); the routes default to `DPoP `.
+    let c = load(&with("dpop = true"), &dir).unwrap();
+    let d = c.profiles["billing"].dpop.as_ref().unwrap();
+    assert_eq!((d.key_file.as_ref(), d.alg), (None, None));
+    assert!(c.routes.iter().all(|r| r.prefix == "DPoP "));
+    // A key file, its own algorithm or a fitting one.
+    let c = load(&with("dpop = true\ndpop_key_file = \"ed.pem\""), &dir).unwrap();
+    assert!(
+        c.profiles["billing"]
+            .dpop
+            .as_ref()
+            .unwrap()
+            .key_file
+            .is_some()
+    );
+    assert!(
+        c.secret_files()
+            .iter()
+            .any(|(k, _)| k == "profiles.billing.dpop_key_file")
+    );
+    let ok = problems_in(
+        &dir,
+        &with("dpop = true\ndpop_key_file = \"ec.pem\"\ndpop_alg = \"ES256\""),
+    );
+    assert!(ok.is_empty(), "{ok:?}");
+    let cases = [
+        (
+            "dpop = true\ndpop_key_file = \"ec.pem\"\ndpop_alg = \"EdDSA\"",
+            "profiles.billing.dpop_alg: signing_alg EdDSA does not fit a EC P-256 key",
+        ),
+        (
+            "dpop = true\ndpop_key_file = \"junk.pem\"",
+            "profiles.billing.dpop_key_file:",
+        ),
+        (
+            "dpop = true\ndpop_key_file = \"missing.pem\"",
+            "profiles.billing.dpop_key_file:",
+        ),
+        (
+            "dpop = true\ndpop_key_file = \"p384.pem\"",
+            "profiles.billing.dpop_alg:",
+        ),
+        (
+            "dpop = true\ndpop_alg = \"HS256\"",
+            "profiles.billing.dpop_alg: unknown value \"HS256\"; expected one of ES256, EdDSA, PS256, RS256",
+        ),
+        (
+            "dpop = true\ndpop_alg = \"PS256\"",
+            "profiles.billing.dpop_alg: an RSA key is not generated",
+        ),
+        (
+            "dpop_key_file = \"ec.pem\"",
+            "profiles.billing.dpop_key_file: only used with dpop = true",
+        ),
+    ];
+    for (keys, want) in cases {
+        let p = problems_in(&dir, &with(keys));
+        assert!(p.len() == 1 && p[0].starts_with(want), "{keys}: {p:?}");
+    }
+    // The token and its proof go in Authorization: DPoP.
+    let text = with("dpop = true").replace(
+        "profile = \"billing\"\n\n[[routes]]",
+        "profile = \"billing\"\nheader = \"x-api-key\"\nprefix = \"Bearer \"\n\n[[routes]]",
+    );
+    let p = problems_in(&dir, &text);
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(p[0].starts_with("routes[0].header: a DPoP profile's token goes in Authorization"));
+    assert!(p[1].starts_with("routes[0].prefix: a DPoP profile's token goes after \"DPoP \""));
+    // A static profile has no DPoP.
+    let p = problems_in(
+        &dir,
+        "[profiles.k]\ngrant = \"static\"\ncredential_file = \"secret\"\ndpop = true\n\
+         [[routes]]\nhost = \"a.test\"\nprofile = \"k\"\n",
+    );
+    assert!(
+        p[0].starts_with("profiles.k.dpop: not used by grant \"static\""),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_shared_dpop_profile_needs_a_key_every_replica_has() {
+    let cache = "redis_url = \"redis://127.0.0.1:6379\"\nencryption_key_file = \"token-key\"";
+    let p = cache_problems(cache, "dpop = true");
+    assert!(
+        p.len() == 1
+            && p[0].starts_with("profiles.billing.cache: a DPoP token is usable only with its key"),
+        "{p:?}"
+    );
+    let p = cache_problems(cache, "dpop = true\ncache = \"local\"");
+    assert!(p.is_empty(), "{p:?}");
+    // With a key file (the same on every replica) it shares.
+    let dir = dir_with_cache_files();
+    write_key(&dir, "ec.pem", &rcgen::PKCS_ECDSA_P256_SHA256);
+    let text = GOOD.replace(
+        "scopes = [\"read\", \"write\"]",
+        "scopes = [\"read\", \"write\"]\ndpop = true\ndpop_key_file = \"ec.pem\"",
+    );
+    let c = load(&format!("{text}\n[cache]\n{cache}\n"), &dir).unwrap();
+    assert_eq!(c.profiles["billing"].cache, CacheMode::Shared);
+}
+
+fn problems_in(dir: &tempfile::TempDir, text: &str) -> Vec<String> {
+    match load(text, dir) {
+        Ok(_) => vec![],
+        Err(e) => e.lines(),
+    }
+}

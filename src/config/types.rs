@@ -164,6 +164,17 @@ pub struct Profile {
     pub basic_encoding: BasicEncoding,
     /// `Shared` only when `[cache]` exists.
     pub cache: CacheMode,
+    /// Sender-constrained tokens (RFC 9449), when `dpop = true`.
+    pub dpop: Option<Dpop>,
+}
+
+/// A profile's DPoP settings: its key comes from `key_file` (checked to
+/// load), or is generated at start for `alg` (ES256 or EdDSA).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dpop {
+    pub key_file: Option<PathBuf>,
+    /// `dpop_alg`; unset: the key's own (ES256 for a generated key).
+    pub alg: Option<Alg>,
 }
 
 /// Where the token endpoint is.
@@ -325,6 +336,12 @@ impl Config {
                 | ClientAuth::SecretPost(Source::Env(_))
                 | ClientAuth::SecretJwt { .. }
                 | ClientAuth::ClientAssertion(Source::Env(_)) => {}
+            }
+            if let Some(Dpop {
+                key_file: Some(f), ..
+            }) = &profile.dpop
+            {
+                out.push((key("dpop_key_file"), f.clone()));
             }
         }
         for (name, s) in &self.statics {

@@ -7,7 +7,7 @@
 //! implementation here, not an edit through the request path.
 
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Method, Uri};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 
 use crate::token::Token;
 
@@ -16,6 +16,34 @@ pub trait Authorize: Send + Sync + 'static {
     /// Sets `token` on `headers` of a request with `method` to `uri` (the
     /// URI as sent upstream), replacing whatever the app sent there.
     fn authorize(&self, token: &Token, method: &Method, uri: &Uri, headers: &mut HeaderMap);
+
+    /// Sees the head of every upstream response to a request it
+    /// authorized: what it says about the credential beyond the token.
+    #[inline]
+    fn observe(&self, _status: StatusCode, _headers: &HeaderMap) -> Verdict {
+        Verdict::Fine
+    }
+
+    /// The request is sent again after [`Verdict::Resend`].
+    fn resending(&self) {}
+
+    /// The upstream refused what [`Verdict::ProofRefused`] names, and the
+    /// request is not sent again.
+    fn refused(&self, _reason: &'static str) {}
+}
+
+/// What a response says beyond its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing: a 401 means the token was refused, as always.
+    Fine,
+    /// The upstream refused the proof that went with the token, and a new
+    /// one can succeed (it gave a nonce, or its clock is known now): send
+    /// the request once more with the same token. Says why.
+    Resend(&'static str),
+    /// The upstream refused the proof, not the token; sending again would
+    /// not help, and the token stays.
+    ProofRefused(&'static str),
 }
 
 /// The credential in one header, after a fixed prefix: `Authorization:

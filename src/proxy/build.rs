@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{self, Config};
-use crate::metrics::ProxyMetrics;
+use crate::metrics::{ProxyMetrics, TokenMetrics};
 use crate::{route, tls, token};
 
-use super::{Proxy, Route, Settings, authorize, tunnel, upstream};
+use super::{Proxy, Route, Settings, authorize, dpop, tunnel, upstream};
 
 /// A route's upstream TLS settings that do not load.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,7 @@ impl Proxy {
         config: &Config,
         stores: &BTreeMap<String, Arc<token::Store>>,
         metrics: &ProxyMetrics,
+        token_metrics: &TokenMetrics,
     ) -> Result<Self, Error> {
         let mut pools = upstream::Pools::default();
         let mut pool = |key: String,
@@ -57,17 +58,27 @@ impl Proxy {
                     cert,
                 )?,
             };
+            let route = Route::new(
+                r.label.clone(),
+                &r.upstream,
+                Arc::clone(&stores[&r.profile]),
+                client,
+                metrics.route(&r.label),
+            );
+            let dpop = config
+                .profiles
+                .get(&r.profile)
+                .is_some_and(|p| p.dpop.is_some());
+            let route = if dpop {
+                // Per route: each upstream has its own nonce and clock.
+                route.with_authorize(dpop::Dpop::new(&r.label, token_metrics.dpop(&r.profile)))
+            } else {
+                route.with_authorize(authorize::Header::new(r.header.clone(), &r.prefix))
+            };
             routes.push(
-                Route::new(
-                    r.label.clone(),
-                    &r.upstream,
-                    Arc::clone(&stores[&r.profile]),
-                    client,
-                    metrics.route(&r.label),
-                )
-                .with_authorize(authorize::Header::new(r.header.clone(), &r.prefix))
-                .with_upgrade_client(upgrade_client)
-                .with_protocol(r.protocol),
+                route
+                    .with_upgrade_client(upgrade_client)
+                    .with_protocol(r.protocol),
             );
         }
         let passthrough = pools

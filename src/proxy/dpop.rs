@@ -1,87 +1,76 @@
 //! A route's DPoP credential (RFC 9449): `Authorization: DPoP <token>` and
 //! a fresh proof per request sent, bound to the request's method, its URL
-//! as sent upstream and the token (`ath`), with the upstream's latest
-//! nonce. An [`Authorize`] like the bearer header, so the request path does
-//! not change: it already attaches the credential per attempt (a retry
-//! after a 401, a re-send on a stale connection), and each gets a new proof.
-//!
-//! Issue 17, second step: not yet chosen by the config; the response side
-//! (learning nonces on the request path, the `use_dpop_nonce` retry) comes
-//! with the wiring.
+//! as sent upstream and the token (`ath`), signed with the key the token is
+//! bound to, with the upstream's latest nonce. An [`Authorize`] like the
+//! bearer header, so the request path does not change: it already attaches
+//! the credential per attempt (a retry after a 401, a re-send on a stale
+//! connection), and each gets a new proof. Every upstream response is
+//! shown to [`Authorize::observe`]: a `DPoP-Nonce` is kept, and a proof
+//! refused for its nonce (or for our clock) is sent again once with a new
+//! proof, keeping the token, which was not at fault.
 
 use std::cell::RefCell;
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwapOption;
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Method, Uri};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 
-use super::authorize::Authorize;
-use crate::dpop::{Claims, ProofKey};
+use super::authorize::{Authorize, Verdict};
+use crate::dpop::{Claims, Server};
+use crate::metrics::DpopMetrics;
 use crate::token::Token;
 
 static DPOP: HeaderName = HeaderName::from_static("dpop");
 static DPOP_NONCE: HeaderName = HeaderName::from_static("dpop-nonce");
 
 thread_local! {
-    /// Per worker thread: the proof and the claims' JSON, reused.
-    static BUFFERS: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
+    /// Per worker thread: the proof, the claims' JSON and the `htu`, reused.
+    static BUFFERS: RefCell<(String, String, String)> =
+        const { RefCell::new((String::new(), String::new(), String::new())) };
 }
 
-/// One route's DPoP attachment: the profile's key and the upstream's nonce.
+/// One route's DPoP attachment: what its upstream said about proofs (nonce,
+/// clock) and the profile's counters. The key comes with each token.
 #[derive(Debug)]
 pub struct Dpop {
-    key: Arc<ProofKey>,
-    nonce: ArcSwapOption<String>,
+    server: Server,
+    /// The upstream, for the log line when its clock is learned.
+    label: String,
+    metrics: DpopMetrics,
 }
 
 impl Dpop {
-    pub fn new(key: Arc<ProofKey>) -> Self {
+    pub fn new(label: &str, metrics: DpopMetrics) -> Self {
         Self {
-            key,
-            nonce: ArcSwapOption::empty(),
+            server: Server::default(),
+            label: label.to_owned(),
+            metrics,
         }
-    }
-
-    /// Keeps the `DPoP-Nonce` of an upstream response (success or error)
-    /// for the next proofs. Whether it changed.
-    pub fn note_nonce(&self, headers: &HeaderMap) -> bool {
-        let Some(v) = headers.get(&DPOP_NONCE).and_then(|v| v.to_str().ok()) else {
-            return false;
-        };
-        if !crate::dpop::valid_nonce(v) {
-            return false;
-        }
-        if self.nonce.load().as_deref().map(String::as_str) == Some(v) {
-            return false;
-        }
-        self.nonce.store(Some(Arc::new(v.to_owned())));
-        true
     }
 
     fn proof(&self, token: &Token, method: &Method, uri: &Uri) -> Option<HeaderValue> {
+        let key = token.dpop_key()?;
         let scheme = uri.scheme_str().unwrap_or("https");
         let host = uri.host()?;
-        let htu = crate::dpop::htu(scheme, host, uri.port_u16(), uri.path());
-        let ath = crate::dpop::ath(token.value().as_bytes());
-        let nonce = self.nonce.load();
-        let iat = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let claims = Claims {
-            htm: method.as_str(),
-            htu: &htu,
-            iat,
-            ath: Some(&ath),
-            nonce: nonce.as_deref().map(String::as_str),
-        };
+        let ath = token.dpop_ath()?;
+        let nonce = self.server.nonce();
         BUFFERS.with(|b| {
-            let (out, scratch) = &mut *b.borrow_mut();
-            self.key.proof(out, &claims, scratch).ok()?;
+            let (out, scratch, htu) = &mut *b.borrow_mut();
+            crate::dpop::write_htu(htu, scheme, host, uri.port_u16(), uri.path());
+            let claims = Claims {
+                htm: method.as_str(),
+                htu,
+                iat: self.server.iat(),
+                ath: Some(ath),
+                nonce: nonce.as_deref().map(String::as_str),
+            };
+            if key.proof(out, &claims, scratch).is_err() {
+                self.metrics.error("signing");
+                return None;
+            }
             let mut v = HeaderValue::from_str(out).ok()?;
             // Proofs carry `ath`: never indexed by HPACK, never in Debug.
             v.set_sensitive(true);
+            self.metrics.proofs.inc();
             Some(v)
         })
     }
@@ -89,26 +78,82 @@ impl Dpop {
 
 impl Authorize for Dpop {
     fn authorize(&self, token: &Token, method: &Method, uri: &Uri, headers: &mut HeaderMap) {
-        let mut value = Vec::with_capacity(5 + token.value().len());
-        value.extend_from_slice(b"DPoP ");
-        value.extend_from_slice(token.value().as_bytes());
-        let authorization = HeaderValue::from_bytes(&value).ok().map(|mut v| {
-            v.set_sensitive(true);
-            v
-        });
-        match (authorization, self.proof(token, method, uri)) {
+        match (token.dpop_header(), self.proof(token, method, uri)) {
             (Some(a), Some(p)) => {
-                super::headers::inject_as(headers, &header::AUTHORIZATION, a);
+                super::headers::inject_as(headers, &header::AUTHORIZATION, a.clone());
                 super::headers::inject_as(headers, &DPOP, p);
             }
-            // Cannot happen with a valid token and key; never send the
-            // app's own values in their place.
+            // A token not bound to a key (cannot happen for a DPoP profile)
+            // or a signing failure: never send the app's own values.
             _ => {
                 headers.remove(header::AUTHORIZATION);
                 headers.remove(&DPOP);
             }
         }
     }
+
+    fn observe(&self, status: StatusCode, headers: &HeaderMap) -> Verdict {
+        let fresh_nonce = self
+            .server
+            .note_nonce(headers.get(&DPOP_NONCE).map(HeaderValue::as_bytes));
+        if status != StatusCode::UNAUTHORIZED {
+            return Verdict::Fine;
+        }
+        match dpop_error(headers) {
+            Some(DpopError::UseNonce) if fresh_nonce => Verdict::Resend("use_dpop_nonce"),
+            Some(DpopError::InvalidProof)
+                if fresh_nonce
+                    || self.server.learn_skew(
+                        headers.get(header::DATE).map(HeaderValue::as_bytes),
+                        &self.label,
+                    ) =>
+            {
+                Verdict::Resend("invalid_dpop_proof")
+            }
+            Some(DpopError::UseNonce) => Verdict::ProofRefused("use_dpop_nonce"),
+            Some(DpopError::InvalidProof) => Verdict::ProofRefused("invalid_dpop_proof"),
+            None => Verdict::Fine,
+        }
+    }
+
+    fn resending(&self) {
+        self.metrics.nonce_upstream.inc();
+    }
+
+    fn refused(&self, reason: &'static str) {
+        self.metrics.error(reason);
+    }
+}
+
+enum DpopError {
+    UseNonce,
+    InvalidProof,
+}
+
+/// The DPoP error of a `WWW-Authenticate: DPoP error="…"` challenge (RFC
+/// 9449 §7.1, §9), if the upstream refused the proof rather than the token.
+fn dpop_error(headers: &HeaderMap) -> Option<DpopError> {
+    headers
+        .get_all(header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| {
+            let (scheme, params) = v.trim_start().split_once(' ')?;
+            if !scheme.eq_ignore_ascii_case("dpop") {
+                return None;
+            }
+            let lower = params.to_ascii_lowercase();
+            if lower.contains("error=\"use_dpop_nonce\"") || lower.contains("error=use_dpop_nonce")
+            {
+                Some(DpopError::UseNonce)
+            } else if lower.contains("error=\"invalid_dpop_proof\"")
+                || lower.contains("error=invalid_dpop_proof")
+            {
+                Some(DpopError::InvalidProof)
+            } else {
+                None
+            }
+        })
 }
 
 #[cfg(test)]
@@ -116,6 +161,7 @@ mod tests {
     use super::*;
     use base64::Engine as _;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use std::sync::Arc;
 
     fn payload(headers: &HeaderMap) -> serde_json::Value {
         let proof = headers["dpop"].to_str().unwrap();
@@ -123,19 +169,34 @@ mod tests {
         serde_json::from_slice(&B64.decode(p).unwrap()).unwrap()
     }
 
-    fn send(d: &Dpop, method: Method, uri: &str) -> HeaderMap {
-        let token = Token::permanent(&crate::secret::Secret::new("tok.en".into())).unwrap();
+    fn token() -> Token {
+        let key = Arc::new(crate::dpop::ProofKey::generate().unwrap());
+        Token::permanent(&crate::secret::Secret::new("tok.en".into()))
+            .unwrap()
+            .bound_to(Some(key))
+    }
+
+    fn send(d: &Dpop, token: &Token, method: Method, uri: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert("authorization", "Bearer app".parse().unwrap());
         headers.insert("dpop", "app-proof".parse().unwrap());
-        d.authorize(&token, &method, &uri.parse().unwrap(), &mut headers);
+        d.authorize(token, &method, &uri.parse().unwrap(), &mut headers);
         headers
+    }
+
+    fn dpop() -> Dpop {
+        Dpop::new("api.example", DpopMetrics::detached())
     }
 
     #[test]
     fn each_request_gets_its_own_proof_for_its_method_and_url() {
-        let d = Dpop::new(Arc::new(ProofKey::generate().unwrap()));
-        let a = send(&d, Method::POST, "https://API.example:443/base/items?x=1");
+        let (d, t) = (dpop(), token());
+        let a = send(
+            &d,
+            &t,
+            Method::POST,
+            "https://API.example:443/base/items?x=1",
+        );
         assert_eq!(a["authorization"], "DPoP tok.en");
         assert!(a["authorization"].is_sensitive() && a["dpop"].is_sensitive());
         assert_eq!(
@@ -148,34 +209,120 @@ mod tests {
         assert_eq!(p["htu"], "https://api.example/base/items");
         assert_eq!(p["ath"], crate::dpop::ath(b"tok.en"));
         assert!(p.get("nonce").is_none());
-        let b = send(&d, Method::GET, "https://api.example:8443/");
+        let b = send(&d, &t, Method::GET, "https://api.example:8443/");
         let q = payload(&b);
         assert_eq!(q["htu"], "https://api.example:8443/");
         assert_ne!(p["jti"], q["jti"]);
+        assert_eq!(d.metrics.proofs.get(), 2);
+    }
+
+    #[test]
+    fn a_token_without_a_key_sends_neither_header() {
+        let plain = Token::permanent(&crate::secret::Secret::new("t".into())).unwrap();
+        let h = send(&dpop(), &plain, Method::GET, "https://h/");
+        assert!(h.get("authorization").is_none() && h.get("dpop").is_none());
+    }
+
+    fn answer(status: u16, pairs: &[(&str, &str)]) -> (StatusCode, HeaderMap) {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        (StatusCode::from_u16(status).unwrap(), h)
     }
 
     #[test]
     fn nonces_from_responses_go_into_later_proofs() {
-        let d = Dpop::new(Arc::new(ProofKey::generate().unwrap()));
-        let mut response = HeaderMap::new();
-        assert!(!d.note_nonce(&response));
-        response.insert("dpop-nonce", "eyJ7S_zG.eyJH0-Z.HX4w-7v".parse().unwrap());
-        assert!(d.note_nonce(&response));
-        assert!(!d.note_nonce(&response), "unchanged");
-        let p = payload(&send(&d, Method::GET, "https://h/"));
+        let (d, t) = (dpop(), token());
+        let (s, h) = answer(200, &[("dpop-nonce", "eyJ7S_zG.eyJH0-Z.HX4w-7v")]);
+        assert_eq!(d.observe(s, &h), Verdict::Fine);
+        let p = payload(&send(&d, &t, Method::GET, "https://h/"));
         assert_eq!(p["nonce"], "eyJ7S_zG.eyJH0-Z.HX4w-7v");
-        // A rotated nonce replaces it; a malformed one is ignored.
-        response.insert("dpop-nonce", "n2".parse().unwrap());
-        assert!(d.note_nonce(&response));
-        for bad in ["", "has space", "q\"uote"] {
-            response.insert("dpop-nonce", bad.parse().unwrap());
-            assert!(!d.note_nonce(&response), "{bad:?}");
+        // A malformed one is ignored.
+        for bad in ["has space", "q\"uote"] {
+            let (s, h) = answer(200, &[("dpop-nonce", bad)]);
+            d.observe(s, &h);
         }
-        response.insert(
-            "dpop-nonce",
-            "x".repeat(crate::dpop::MAX_NONCE + 1).parse().unwrap(),
+        let (s, h) = answer(
+            200,
+            &[("dpop-nonce", &"x".repeat(crate::dpop::MAX_NONCE + 1))],
         );
-        assert!(!d.note_nonce(&response));
-        assert_eq!(payload(&send(&d, Method::GET, "https://h/"))["nonce"], "n2");
+        d.observe(s, &h);
+        assert_eq!(
+            payload(&send(&d, &t, Method::GET, "https://h/"))["nonce"],
+            "eyJ7S_zG.eyJH0-Z.HX4w-7v"
+        );
+    }
+
+    #[test]
+    fn a_nonce_demand_resends_once_and_never_blames_the_token() {
+        let d = dpop();
+        let demand = |n: &str| {
+            answer(
+                401,
+                &[
+                    (
+                        "www-authenticate",
+                        "DPoP error=\"use_dpop_nonce\", error_description=\"x\"",
+                    ),
+                    ("dpop-nonce", n),
+                ],
+            )
+        };
+        let (s, h) = demand("n1");
+        assert_eq!(d.observe(s, &h), Verdict::Resend("use_dpop_nonce"));
+        // The same nonce again: a new proof would not help.
+        let (s, h) = demand("n1");
+        assert_eq!(d.observe(s, &h), Verdict::ProofRefused("use_dpop_nonce"));
+        let (s, h) = answer(
+            401,
+            &[("www-authenticate", "DPoP error=\"invalid_dpop_proof\"")],
+        );
+        assert_eq!(
+            d.observe(s, &h),
+            Verdict::ProofRefused("invalid_dpop_proof")
+        );
+        // A token problem is the token's: the usual 401 path.
+        let (s, h) = answer(401, &[("www-authenticate", "DPoP error=\"invalid_token\"")]);
+        assert_eq!(d.observe(s, &h), Verdict::Fine);
+        let (s, h) = answer(
+            401,
+            &[("www-authenticate", "Bearer error=\"use_dpop_nonce\"")],
+        );
+        assert_eq!(d.observe(s, &h), Verdict::Fine);
+    }
+
+    #[test]
+    fn a_proof_refused_by_a_server_with_another_clock_uses_its_clock() {
+        let (d, t) = (dpop(), token());
+        let ahead = std::time::SystemTime::now() + std::time::Duration::from_secs(600);
+        let date = httpdate::fmt_http_date(ahead);
+        let (s, h) = answer(
+            401,
+            &[
+                ("www-authenticate", "DPoP error=\"invalid_dpop_proof\""),
+                ("date", &date),
+            ],
+        );
+        assert_eq!(d.observe(s, &h), Verdict::Resend("invalid_dpop_proof"));
+        let iat = payload(&send(&d, &t, Method::GET, "https://h/"))["iat"]
+            .as_u64()
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            (iat as i64 - (now as i64 + 600)).abs() <= 2,
+            "{iat} vs {now}"
+        );
+        // Learned once: the same answer again is a refusal, not a loop.
+        assert_eq!(
+            d.observe(s, &h),
+            Verdict::ProofRefused("invalid_dpop_proof")
+        );
     }
 }

@@ -30,7 +30,7 @@ use crate::metrics::RouteMetrics;
 use crate::route;
 use crate::token::{self, store::Invalidated};
 
-use authorize::Authorize;
+use authorize::{Authorize, Verdict};
 pub use error::{ERROR_HEADER, Error, Kind};
 use upstream::HttpsClient;
 
@@ -357,7 +357,14 @@ impl Proxy {
             Replay::Stream(body) => {
                 let request = outgoing(parts.method, uri, parts.headers, Either::Left(body));
                 let response = self.send(client, request, Some(&route.metrics)).await?;
-                if refuses_token(&response) {
+                // The body is gone: a proof refused for its nonce is not
+                // sent again, but the next request carries the nonce.
+                let verdict = route
+                    .authorize
+                    .observe(response.status(), response.headers());
+                if let Verdict::Resend(why) | Verdict::ProofRefused(why) = verdict {
+                    route.authorize.refused(why);
+                } else if refuses_token(&response) {
                     // The body is gone, so no retry (gRPC calls land here),
                     // but the next request must not carry the refused token.
                     // Rate-limited like the retry path's refetch.
@@ -367,7 +374,7 @@ impl Proxy {
             }
             Replay::Buffered(bytes) => bytes,
         };
-        let response = self
+        let mut response = self
             .send_replayable(
                 client,
                 &parts.method,
@@ -377,6 +384,36 @@ impl Proxy {
                 Some((&route.metrics, &*route.authorize, &token)),
             )
             .await?;
+        let mut verdict = route
+            .authorize
+            .observe(response.status(), response.headers());
+        if let Verdict::Resend(_) = verdict {
+            // The upstream refused the proof, not the token, and said how
+            // a new one can pass (a nonce, its clock): once more, same token.
+            route.authorize.resending();
+            route
+                .authorize
+                .authorize(&token, &parts.method, &uri, &mut parts.headers);
+            drop(response);
+            response = self
+                .send_replayable(
+                    client,
+                    &parts.method,
+                    &uri,
+                    &parts.headers,
+                    &bytes,
+                    Some((&route.metrics, &*route.authorize, &token)),
+                )
+                .await?;
+            verdict = route
+                .authorize
+                .observe(response.status(), response.headers());
+        }
+        if let Verdict::Resend(why) | Verdict::ProofRefused(why) = verdict {
+            // Never drop a token for its proof: a new token would not help.
+            route.authorize.refused(why);
+            return Ok(response);
+        }
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
@@ -395,15 +432,24 @@ impl Proxy {
             .authorize(&fresh, &parts.method, &uri, &mut parts.headers);
         drop(response);
         route.metrics.unauthorized_retry();
-        self.send_replayable(
-            client,
-            &parts.method,
-            &uri,
-            &parts.headers,
-            &bytes,
-            Some((&route.metrics, &*route.authorize, &fresh)),
-        )
-        .await
+        let response = self
+            .send_replayable(
+                client,
+                &parts.method,
+                &uri,
+                &parts.headers,
+                &bytes,
+                Some((&route.metrics, &*route.authorize, &fresh)),
+            )
+            .await?;
+        // Learn a nonce for later requests; no third attempt.
+        if let Verdict::Resend(why) | Verdict::ProofRefused(why) = route
+            .authorize
+            .observe(response.status(), response.headers())
+        {
+            route.authorize.refused(why);
+        }
+        Ok(response)
     }
 
     /// Sends a request whose body we hold. An idempotent one is sent once

@@ -41,10 +41,16 @@ pub struct Client {
     headers: HeaderMap,
     timeout: Duration,
     default_lifetime: Duration,
-    /// DPoP (RFC 9449): the key that proves possession, and the token
-    /// endpoint's latest nonce.
-    dpop: Option<Arc<crate::dpop::ProofKey>>,
-    dpop_nonce: arc_swap::ArcSwapOption<String>,
+    /// DPoP (RFC 9449): the key that proves possession, what the token
+    /// endpoint said about proofs (nonce, clock), and the counters.
+    dpop: Option<Dpop>,
+}
+
+#[derive(Debug)]
+struct Dpop {
+    key: Arc<crate::dpop::ProfileKey>,
+    server: crate::dpop::Server,
+    metrics: crate::metrics::DpopMetrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,21 +167,36 @@ impl Client {
             timeout,
             default_lifetime,
             dpop: None,
-            dpop_nonce: arc_swap::ArcSwapOption::empty(),
         })
     }
 
     /// Asks for DPoP-bound tokens, proving possession of `key` (RFC 9449
     /// §5): a proof on every token request, and a `token_type` other than
-    /// `DPoP` in the answer is an error.
-    pub fn with_dpop(mut self, key: Arc<crate::dpop::ProofKey>) -> Self {
-        self.dpop = Some(key);
+    /// `DPoP` in the answer is an error. Each token carries the key it was
+    /// bound to.
+    pub fn with_dpop(
+        mut self,
+        key: Arc<crate::dpop::ProfileKey>,
+        metrics: crate::metrics::DpopMetrics,
+    ) -> Self {
+        self.dpop = Some(Dpop {
+            key,
+            server: crate::dpop::Server::default(),
+            metrics,
+        });
         self
+    }
+
+    /// The DPoP key the next token will be bound to (the key file is looked
+    /// at now), for a DPoP profile.
+    pub fn dpop_key(&self) -> Option<Arc<crate::dpop::ProofKey>> {
+        self.dpop.as_ref().map(|d| d.key.current())
     }
 
     /// A DPoP proof for a token request to `url`, with the server's nonce.
     fn dpop_proof(
         &self,
+        dpop: &Dpop,
         key: &crate::dpop::ProofKey,
         url: &url::Url,
     ) -> Result<String, FetchError> {
@@ -185,38 +206,25 @@ impl Client {
             url.port_or_known_default(),
             url.path(),
         );
-        let nonce = self.dpop_nonce.load();
-        let iat = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let nonce = dpop.server.nonce();
         let (mut out, mut scratch) = (String::new(), String::new());
         key.proof(
             &mut out,
             &crate::dpop::Claims {
                 htm: "POST",
                 htu: &htu,
-                iat,
+                iat: dpop.server.iat(),
                 ath: None,
                 nonce: nonce.as_deref().map(String::as_str),
             },
             &mut scratch,
         )
-        .map_err(|e| FetchError::Secret(format!("DPoP proof: {e}")))?;
+        .map_err(|e| {
+            dpop.metrics.error("signing");
+            FetchError::Secret(format!("DPoP proof: {e}"))
+        })?;
+        dpop.metrics.proofs.inc();
         Ok(out)
-    }
-
-    /// Keeps the token endpoint's `DPoP-Nonce`; whether it changed.
-    fn note_dpop_nonce(&self, headers: &reqwest::header::HeaderMap) -> bool {
-        let Some(v) = headers.get("dpop-nonce").and_then(|v| v.to_str().ok()) else {
-            return false;
-        };
-        if !crate::dpop::valid_nonce(v)
-            || self.dpop_nonce.load().as_deref().map(String::as_str) == Some(v)
-        {
-            return false;
-        }
-        self.dpop_nonce.store(Some(Arc::new(v.to_owned())));
-        true
     }
 
     /// The HTTP client for this request: the shared one, or for
@@ -261,33 +269,102 @@ impl Client {
     pub async fn fetch(&self) -> Result<Parsed, FetchError> {
         let http = self.http()?;
         let url = self.token_url(&http).await?;
-        match self.fetch_once(&http, &url).await {
-            // RFC 9449 §8: the server wants a nonce in the proof; it gave
-            // one with this answer. Once, so a server that always asks for
-            // a new one cannot make the task loop.
-            Err(FetchError::Rejected {
-                status: 400,
-                error: Some(e),
-                ..
-            }) if e == "use_dpop_nonce"
-                && self.dpop.is_some()
-                && self.dpop_nonce.load().is_some() =>
-            {
-                tracing::info!(profile = %self.profile, "token endpoint asked for a DPoP nonce; retrying with it");
-                self.fetch_once(&http, &url).await
+        let key = self.dpop_key();
+        let (result, retry) = self.fetch_once(&http, &url, key.as_deref()).await;
+        let result = match (retry, &self.dpop) {
+            // RFC 9449 §8: the server wants a nonce in the proof and gave
+            // one, or refused the proof and its clock differs from ours.
+            // Once, so a server that always asks again cannot make the
+            // task loop.
+            (true, Some(dpop)) => {
+                dpop.metrics.nonce_token_endpoint.inc();
+                tracing::info!(profile = %self.profile, "token endpoint refused the DPoP proof with a nonce or clock to use; retrying once");
+                self.fetch_once(&http, &url, key.as_deref()).await.0
             }
-            other => other,
+            _ => result,
+        };
+        if let (Some(dpop), Err(FetchError::Rejected { error: Some(e), .. })) =
+            (&self.dpop, &result)
+            && (e == "use_dpop_nonce" || e == "invalid_dpop_proof")
+        {
+            dpop.metrics.error(e);
         }
+        result.map(|mut parsed| {
+            parsed.dpop = key;
+            parsed
+        })
     }
 
+    /// One token request; with it, whether a second may succeed where this
+    /// one's DPoP proof was refused (a new nonce, or the server's clock).
     async fn fetch_once(
         &self,
         http: &reqwest::Client,
         url: &url::Url,
-    ) -> Result<Parsed, FetchError> {
+        key: Option<&crate::dpop::ProofKey>,
+    ) -> (Result<Parsed, FetchError>, bool) {
+        match self.request(http, url, key).await {
+            Ok((status, headers, body)) => {
+                let now_unix = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let retry_after = headers
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                let result = response::parse_as(
+                    status,
+                    &body,
+                    retry_after,
+                    now_unix,
+                    self.default_lifetime,
+                    self.dpop.is_some(),
+                );
+                let retry = match (&self.dpop, &result) {
+                    (
+                        Some(dpop),
+                        Err(FetchError::Rejected {
+                            status: 400 | 401,
+                            error: Some(e),
+                            ..
+                        }),
+                    ) => {
+                        let nonce = dpop
+                            .server
+                            .note_nonce(headers.get("dpop-nonce").map(|v| v.as_bytes()));
+                        match e.as_str() {
+                            "use_dpop_nonce" => nonce,
+                            "invalid_dpop_proof" => {
+                                let date = headers.get(http::header::DATE).map(|v| v.as_bytes());
+                                nonce || dpop.server.learn_skew(date, &self.profile)
+                            }
+                            _ => false,
+                        }
+                    }
+                    (Some(dpop), _) => {
+                        dpop.server
+                            .note_nonce(headers.get("dpop-nonce").map(|v| v.as_bytes()));
+                        false
+                    }
+                    (None, _) => false,
+                };
+                (result, retry)
+            }
+            Err(e) => (Err(e), false),
+        }
+    }
+
+    /// Sends the token request: the status, headers and (bounded) body.
+    async fn request(
+        &self,
+        http: &reqwest::Client,
+        url: &url::Url,
+        key: Option<&crate::dpop::ProofKey>,
+    ) -> Result<(u16, reqwest::header::HeaderMap, Vec<u8>), FetchError> {
         let mut request = http.post(url.clone()).headers(self.headers.clone());
-        if let Some(key) = &self.dpop {
-            request = request.header("dpop", self.dpop_proof(key, url)?);
+        if let (Some(dpop), Some(key)) = (&self.dpop, key) {
+            request = request.header("dpop", self.dpop_proof(dpop, key, url)?);
         }
         // The serializer is not Send: build the body before any await.
         let body = {
@@ -364,14 +441,7 @@ impl Client {
             .await
             .map_err(|e| self.transport_error(e))?;
         let status = response.status().as_u16();
-        if self.dpop.is_some() {
-            self.note_dpop_nonce(response.headers());
-        }
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let headers = response.headers().clone();
         let body = read_bounded(response, MAX_BODY)
             .await
             .map_err(|e| match e {
@@ -381,18 +451,7 @@ impl Client {
                 ReadError::Transport(e) if e.is_timeout() => FetchError::Timeout(self.timeout),
                 ReadError::Transport(e) => FetchError::Interrupted(errors::chain(&e.without_url())),
             })?;
-        let now_unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        response::parse_as(
-            status,
-            &body,
-            retry_after,
-            now_unix,
-            self.default_lifetime,
-            self.dpop.is_some(),
-        )
+        Ok((status, headers, body))
     }
 
     /// Without the URL: the error reaches 503 bodies, and the app is not
@@ -421,7 +480,7 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 /// `Sun, 06 Nov 1994 08:49:37 GMT`, the only date form RFC 9110 requires
 /// senders to use.
-fn parse_imf_fixdate(s: &str) -> Option<SystemTime> {
+pub(crate) fn parse_imf_fixdate(s: &str) -> Option<SystemTime> {
     let (_weekday, rest) = s.split_once(", ")?;
     let mut parts = rest.split(' ');
     let (day, month, year, time, zone) = (

@@ -47,12 +47,14 @@ impl Source for Scripted {
                 lifetime,
                 scope: None,
                 issued: None,
+                dpop: None,
             }),
             Answer::Same(lifetime) => Ok(Parsed {
                 access_token: Secret::new("tok-same".into()),
                 lifetime,
                 scope: None,
                 issued: None,
+                dpop: None,
             }),
             Answer::Fail => Err(rejected(500, None)),
             Answer::RetryAfter(ra) => Err(rejected(429, Some(ra))),
@@ -506,6 +508,7 @@ impl Source for Adopting {
             lifetime: secs(10.0),
             scope: None,
             issued: Some(Instant::now() - secs(3.0)),
+            dpop: None,
         })
     }
 }
@@ -585,6 +588,7 @@ async fn adopting_a_token_past_its_renewal_time_does_not_spin() {
                 lifetime: secs(10.0),
                 scope: None,
                 issued: Some(Instant::now() - secs(8.0)),
+                dpop: None,
             })
         }
     }

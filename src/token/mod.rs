@@ -49,6 +49,19 @@ pub struct Token {
     expires_unix: SystemTime,
     /// A static credential: it never expires.
     permanent: bool,
+    /// The DPoP key the token is bound to: requests carrying it sign their
+    /// proofs with this key (a rotated key file binds only later tokens).
+    dpop: Option<Box<DpopBinding>>,
+}
+
+/// A DPoP-bound token's key, with what its proofs and header repeat
+/// (computed once per token, not per request).
+struct DpopBinding {
+    key: std::sync::Arc<crate::dpop::ProofKey>,
+    /// base64url(SHA-256(token)), the proofs' `ath`.
+    ath: String,
+    /// `DPoP <token>`, marked sensitive.
+    header: HeaderValue,
 }
 
 /// Builds `Bearer <value>` and `<value>`, both marked sensitive (hpack never
@@ -91,6 +104,7 @@ impl Token {
             refresh_at: (sent + policy.refresh_in(lifetime, jitter))
                 .max(Instant::now() + refresh::MIN_REFRESH),
             expires_unix: now_wall - elapsed + lifetime,
+            dpop: None,
         })
     }
 
@@ -109,6 +123,7 @@ impl Token {
             refresh_at: now + forever,
             expires_unix: SystemTime::now() + forever,
             permanent: true,
+            dpop: None,
         })
     }
 
@@ -122,6 +137,41 @@ impl Token {
         // requests never find it unusable before the renewal has run.
         let halfway = now + self.usable_until.saturating_duration_since(now) / 2;
         self.refresh_at = self.refresh_at.min(halfway);
+    }
+
+    /// Binds the token to the DPoP key it was issued for.
+    pub fn bound_to(mut self, key: Option<std::sync::Arc<crate::dpop::ProofKey>>) -> Self {
+        self.dpop = key.and_then(|key| {
+            let mut bytes = Vec::with_capacity(5 + self.value.len());
+            bytes.extend_from_slice(b"DPoP ");
+            bytes.extend_from_slice(self.value.as_bytes());
+            let mut header = HeaderValue::from_maybe_shared(Bytes::from(bytes)).ok()?;
+            header.set_sensitive(true);
+            Some(Box::new(DpopBinding {
+                ath: crate::dpop::ath(self.value.as_bytes()),
+                key,
+                header,
+            }))
+        });
+        self
+    }
+
+    /// The DPoP key the token is bound to, if any.
+    #[inline]
+    pub fn dpop_key(&self) -> Option<&crate::dpop::ProofKey> {
+        self.dpop.as_ref().map(|b| &*b.key)
+    }
+
+    /// The `ath` of a DPoP-bound token's proofs.
+    #[inline]
+    pub fn dpop_ath(&self) -> Option<&str> {
+        self.dpop.as_ref().map(|b| b.ath.as_str())
+    }
+
+    /// `Authorization: DPoP <token>` of a DPoP-bound token.
+    #[inline]
+    pub fn dpop_header(&self) -> Option<&HeaderValue> {
+        self.dpop.as_ref().map(|b| &b.header)
     }
 
     /// The `Authorization` value, `Bearer …`, marked sensitive.

@@ -224,7 +224,8 @@ pub async fn run<S: Source, O: Observe>(
                 lifetime,
                 &policy,
                 fastrand::f64(),
-            )?;
+            )?
+            .bound_to(parsed.dpop.clone());
             if let Some(held) = held.filter(|h| h.header() == token.header()) {
                 token.cap_to(&held, Instant::now());
             }

@@ -22,6 +22,8 @@ pub struct Parsed {
     /// from the shared cache, whose `lifetime` counts from then. `None`: it
     /// counts from when the request was sent.
     pub issued: Option<tokio::time::Instant>,
+    /// The DPoP key the token is bound to (RFC 9449), for a DPoP profile.
+    pub dpop: Option<std::sync::Arc<crate::dpop::ProofKey>>,
 }
 
 /// Why a token request failed. Never holds a secret or a token.
@@ -215,6 +217,7 @@ pub fn parse_as(
         lifetime,
         scope,
         issued: None,
+        dpop: None,
     })
 }
 

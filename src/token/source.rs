@@ -36,10 +36,20 @@ impl Attempt {
 /// the loop decides when to call again.
 pub trait Source: Send + Sync + 'static {
     fn fetch(&self, attempt: Attempt) -> impl Future<Output = Result<Parsed, FetchError>> + Send;
+
+    /// The DPoP key the next token will be bound to, for a DPoP profile: a
+    /// shared cache keeps tokens of different keys apart.
+    fn dpop_key(&self) -> Option<std::sync::Arc<crate::dpop::ProofKey>> {
+        None
+    }
 }
 
 impl Source for super::Client {
     fn fetch(&self, _: Attempt) -> impl Future<Output = Result<Parsed, FetchError>> + Send {
         super::Client::fetch(self)
+    }
+
+    fn dpop_key(&self) -> Option<std::sync::Arc<crate::dpop::ProofKey>> {
+        super::Client::dpop_key(self)
     }
 }

@@ -1,14 +1,15 @@
 //! DPoP at the token endpoint (RFC 9449 §5, §8), through the token client
 //! against a real HTTPS endpoint on 127.0.0.1 that checks each request's
-//! proof and can demand nonces. Issue 17, first steps: the client is built
-//! directly, as the config does not choose DPoP yet.
+//! proof and can demand nonces. The client is built directly here; the
+//! proxy end to end is in `dpop_proxy.rs`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use token_injector::dpop::ProofKey;
+use token_injector::dpop::ProfileKey;
+use token_injector::metrics::DpopMetrics;
 use token_injector::token::FetchError;
 use token_injector::token::client::{Client, HttpClients};
 use token_injector::token::response::Parsed;
@@ -96,7 +97,10 @@ async fn fetch(pki: &Pki, url: &str) -> Result<Parsed, FetchError> {
     let mut http = HttpClients::new(Duration::from_secs(5));
     let client = Client::new(&config.profiles["p"], &mut http, Duration::from_secs(300))
         .unwrap()
-        .with_dpop(Arc::new(ProofKey::generate().unwrap()));
+        .with_dpop(
+            Arc::new(ProfileKey::new("p", None, None).unwrap()),
+            DpopMetrics::detached(),
+        );
     client.fetch().await
 }
 
@@ -106,6 +110,10 @@ async fn token_request_carries_a_proof_and_retries_once_with_the_nonce() {
     let (url, seen) = endpoint(&pki, Answer::NonceOnce).await;
     let parsed = fetch(&pki, &url).await.unwrap();
     assert_eq!(parsed.access_token.expose(), "d.p");
+    assert!(
+        parsed.dpop.is_some(),
+        "the token carries the key it is bound to"
+    );
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 2, "one request, one retry with the nonce");
     let (first, second) = (seen[0].as_ref().unwrap(), seen[1].as_ref().unwrap());

@@ -75,9 +75,16 @@ impl Validator<'_> {
         // Routes are checked against the declared names, so a profile with
         // its own problems does not also fail every route that uses it.
         let declared: Vec<String> = raw.profiles.keys().cloned().collect();
+        let dpop: Vec<String> = raw
+            .profiles
+            .iter()
+            .filter(|(_, p)| p.dpop == Some(true))
+            .map(|(n, _)| n.clone())
+            .collect();
         let cache = raw.cache.and_then(|c| self.cache(c));
         let (profiles, statics) = self.profiles(raw.profiles, has_cache);
-        let (routes, route_listens) = self.routes(raw.routes, &declared, &proxy.connect_allow);
+        let (routes, route_listens) =
+            self.routes(raw.routes, &declared, &dpop, &proxy.connect_allow);
 
         // Every listener address must be distinct (port 0 asks for any port).
         let mut listeners: Vec<(String, SocketAddr)> = vec![

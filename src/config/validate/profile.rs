@@ -7,7 +7,7 @@ use http::{HeaderName, HeaderValue};
 
 use crate::config::raw::RawProfile;
 use crate::config::{
-    BasicEncoding, CacheMode, ClientAuth, Endpoint, GRANTS, METHODS, Profile, Static,
+    BasicEncoding, CacheMode, ClientAuth, Dpop, Endpoint, GRANTS, METHODS, Profile, Static,
 };
 use crate::keys::{Alg, SigningKey};
 use crate::secret;
@@ -34,8 +34,18 @@ impl Validator<'_> {
                         );
                     }
                     let cache = self.cache_mode(&name, p.cache.as_deref(), has_cache);
-                    if let Some(mut profile) = self.profile(&name, p) {
+                    let dpop = self.dpop(&name, &p);
+                    if let (Some(Some(d)), CacheMode::Shared) = (&dpop, cache)
+                        && d.key_file.is_none()
+                    {
+                        self.problem(
+                            format!("profiles.{name}.cache"),
+                            "a DPoP token is usable only with its key, and a key generated at start is this replica's alone: set cache = \"local\", or give every replica the same dpop_key_file",
+                        );
+                    }
+                    if let (Some(mut profile), Some(dpop)) = (self.profile(&name, p), dpop) {
                         profile.cache = cache;
+                        profile.dpop = dpop;
                         profiles.insert(name, profile);
                     }
                 }
@@ -76,6 +86,9 @@ impl Validator<'_> {
             ("token_headers", p.token_headers.is_some()),
             ("basic_encoding", p.basic_encoding.is_some()),
             ("cache", p.cache.is_some()),
+            ("dpop", p.dpop.is_some()),
+            ("dpop_key_file", p.dpop_key_file.is_some()),
+            ("dpop_alg", p.dpop_alg.is_some()),
         ];
         for (k, set) in unused {
             if set {
@@ -134,6 +147,59 @@ impl Validator<'_> {
                 CacheMode::Local
             }
         }
+    }
+
+    /// `dpop`, `dpop_key_file`, `dpop_alg`: `Some(None)` for a profile
+    /// without DPoP, `None` if a key has a problem. The key is loaded now,
+    /// so `check` says what is wrong with it.
+    fn dpop(&mut self, name: &str, p: &RawProfile) -> Option<Option<Dpop>> {
+        let key = |k: &str| format!("profiles.{name}.{k}");
+        if p.dpop != Some(true) {
+            let mut ok = true;
+            for (k, set) in [
+                ("dpop_key_file", p.dpop_key_file.is_some()),
+                ("dpop_alg", p.dpop_alg.is_some()),
+            ] {
+                if set {
+                    self.problem(key(k), "only used with dpop = true");
+                    ok = false;
+                }
+            }
+            return ok.then_some(None);
+        }
+        let alg = match p.dpop_alg.as_deref() {
+            None => None,
+            Some(a) => match Alg::parse(a).filter(|a| crate::dpop::ALGS.contains(&a.as_str())) {
+                Some(a) => Some(a),
+                None => {
+                    self.one_of(&key("dpop_alg"), a, &crate::dpop::ALGS);
+                    return None;
+                }
+            },
+        };
+        let key_file = p.dpop_key_file.as_deref().map(|f| self.path(f));
+        match &key_file {
+            Some(path) => {
+                if let Err(e) = crate::dpop::ProfileKey::new(name, Some(path), alg) {
+                    let at = if matches!(e, crate::keys::KeyError::AlgMismatch { .. }) {
+                        "dpop_alg"
+                    } else {
+                        "dpop_key_file"
+                    };
+                    self.problem(key(at), e.to_string());
+                    return None;
+                }
+            }
+            None if matches!(alg, Some(Alg::PS256 | Alg::RS256)) => {
+                self.problem(
+                    key("dpop_alg"),
+                    "an RSA key is not generated; set dpop_key_file to an RSA key, or use ES256 or EdDSA",
+                );
+                return None;
+            }
+            None => {}
+        }
+        Some(Some(Dpop { key_file, alg }))
     }
 
     fn secret_source(&mut self, name: &str, p: &RawProfile) -> Option<secret::Source> {
@@ -407,6 +473,7 @@ impl Validator<'_> {
             token_headers,
             basic_encoding,
             cache: CacheMode::Local,
+            dpop: None,
         })
         .filter(|_| ok)
     }

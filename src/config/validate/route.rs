@@ -21,6 +21,7 @@ impl Validator<'_> {
         &mut self,
         raw: Vec<RawRoute>,
         declared: &[String],
+        dpop: &[String],
         connect_allow: &[String],
     ) -> (Vec<Route>, Vec<(String, SocketAddr)>) {
         let mut routes = Vec::new();
@@ -28,7 +29,8 @@ impl Validator<'_> {
         let mut route_listens = Vec::new();
         for (i, r) in raw.into_iter().enumerate() {
             let profile_known = r.profile.as_ref().is_some_and(|p| declared.contains(p));
-            if let Some(route) = self.route(i, r, profile_known) {
+            let is_dpop = r.profile.as_ref().is_some_and(|p| dpop.contains(p));
+            if let Some(route) = self.route(i, r, profile_known, is_dpop) {
                 if route.allow_connect {
                     self.allow_connect(i, &route.host, connect_allow);
                 }
@@ -48,7 +50,7 @@ impl Validator<'_> {
         (routes, route_listens)
     }
 
-    fn route(&mut self, i: usize, r: RawRoute, profile_known: bool) -> Option<Route> {
+    fn route(&mut self, i: usize, r: RawRoute, profile_known: bool, dpop: bool) -> Option<Route> {
         let key = |k: &str| format!("routes[{i}].{k}");
         let host = match r.host.as_deref() {
             None => {
@@ -121,7 +123,27 @@ impl Validator<'_> {
         );
         let ca_file = self.ca_file(&key("ca_file"), r.ca_file.as_deref());
         let header = self.credential_header(&key("header"), r.header.as_deref());
-        let prefix = r.prefix.unwrap_or_else(|| "Bearer ".to_owned());
+        if dpop {
+            // RFC 9449 §7.1: the token and its proof go together, in
+            // `Authorization: DPoP` and `DPoP`.
+            if header
+                .as_ref()
+                .is_some_and(|h| *h != http::header::AUTHORIZATION)
+            {
+                self.problem(
+                    key("header"),
+                    "a DPoP profile's token goes in Authorization (RFC 9449 §7.1)",
+                );
+            }
+            if r.prefix.as_deref().is_some_and(|p| p != "DPoP ") {
+                self.problem(
+                    key("prefix"),
+                    "a DPoP profile's token goes after \"DPoP \" (RFC 9449 §7.1)",
+                );
+            }
+        }
+        let default_prefix = if dpop { "DPoP " } else { "Bearer " };
+        let prefix = r.prefix.unwrap_or_else(|| default_prefix.to_owned());
         if prefix.starts_with([' ', '\t']) || !prefix.bytes().all(|b| (0x20..0x7f).contains(&b)) {
             self.problem(
                 key("prefix"),
