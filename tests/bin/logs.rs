@@ -7,13 +7,16 @@
 //! (its secret file rotated the Kubernetes way, by swapping a symlink),
 //! client_secret_jwt, private_key_jwt (EC P-256 PKCS#8 key), a federated
 //! client assertion file, tls_client_auth (the token endpoint verifies the
-//! client certificate against the test CA), and a profile whose token
-//! endpoint refuses with an `error_description`. Requests go through the
-//! proxy for every route, including an upstream 401 that makes the proxy
-//! fetch again and a route to an HTTP/2 upstream (h2's frame tracing). Then
-//! every secret the token endpoint received, every token it issued and every
-//! Authorization value the upstreams saw is looked for in everything the
-//! process wrote to stderr.
+//! client certificate against the test CA), a DPoP profile (RFC 9449, its
+//! key in a PEM file that is rotated, once to a file that does not load),
+//! a DPoP profile whose token endpoint ignores the proof, and a profile whose
+//! token endpoint refuses with an `error_description`. Requests go through
+//! the proxy for every route, including upstream 401s that make the proxy
+//! fetch again and routes to an HTTP/2 upstream (h2's frame and HPACK
+//! tracing). Then every secret the token endpoint received, every token it
+//! issued, every DPoP proof and every Authorization value the upstreams saw
+//! is looked for in everything the process wrote to stderr, in the error
+//! answers the app got, and in the admin listener's `/metrics` and `/readyz`.
 //!
 //! `LOGS_TEST_KEEP=1` keeps the captured logs of a passing run; a failing
 //! run always keeps them and names the file.
@@ -48,11 +51,17 @@ const FAIL_DESCRIPTION: &str = "client authentication failed: unknown client (te
 /// The environment variable the `failing` profile reads its secret from.
 const FAILING_SECRET_ENV: &str = "LOGS_TEST_FAILING_CLIENT_SECRET";
 
+/// The token endpoint path that answers `token_type: "Bearer"` even to a
+/// request with a DPoP proof (a server that ignores DPoP).
+const IGNORES_DPOP: &str = "/ignores-dpop";
+
 /// One token request as the token endpoint received it.
 #[derive(Clone, Debug)]
 struct Received {
     path: String,
     authorization: Option<String>,
+    /// The `DPoP` proof header.
+    dpop: Option<String>,
     form: Vec<(String, String)>,
 }
 
@@ -67,12 +76,18 @@ impl Received {
 
 /// A token endpoint that records every request (the fixture keeps only the
 /// last one), issues tokens into a fixture [`TokenState`] so the fixture
-/// upstream accepts them, and answers `/fail` with an OAuth error.
+/// upstream accepts them, `token_type` `DPoP` to a request with a DPoP
+/// proof (except at [`IGNORES_DPOP`]), and answers `/fail` with an OAuth
+/// error.
 struct Idp {
     tokens: Arc<TokenState>,
     received: Mutex<Vec<Received>>,
     /// Requests to `/fail` so far.
     failures: watch::Sender<usize>,
+    /// Requests to [`IGNORES_DPOP`] so far.
+    ignored_dpop: watch::Sender<usize>,
+    /// The tokens issued as `DPoP`.
+    dpop_tokens: Mutex<Vec<String>>,
 }
 
 impl Idp {
@@ -81,6 +96,8 @@ impl Idp {
             tokens: Arc::new(TokenState::default()),
             received: Mutex::new(Vec::new()),
             failures: watch::Sender::new(0),
+            ignored_dpop: watch::Sender::new(0),
+            dpop_tokens: Mutex::new(Vec::new()),
         })
     }
 
@@ -108,10 +125,13 @@ impl Idp {
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<BoxBody> {
         let path = req.uri().path().to_owned();
-        let authorization = req
-            .headers()
-            .get("authorization")
-            .map(|v| v.to_str().unwrap_or("?").to_owned());
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap_or("?").to_owned())
+        };
+        let authorization = header("authorization");
+        let dpop = header("dpop");
         let body = req
             .into_body()
             .collect()
@@ -124,6 +144,7 @@ impl Idp {
             received.push(Received {
                 path: path.clone(),
                 authorization,
+                dpop: dpop.clone(),
                 form,
             });
             received.len()
@@ -148,10 +169,19 @@ impl Idp {
             token.clone(),
             Instant::now() + Duration::from_secs(LIFETIME_S),
         );
+        let token_type = if path == IGNORES_DPOP {
+            self.ignored_dpop.send_modify(|n| *n += 1);
+            "Bearer"
+        } else if dpop.is_some() {
+            self.dpop_tokens.lock().unwrap().push(token.clone());
+            "DPoP"
+        } else {
+            "Bearer"
+        };
         json(
             200,
             &format!(
-                r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":{LIFETIME_S}}}"#
+                r#"{{"access_token":"{token}","token_type":"{token_type}","expires_in":{LIFETIME_S}}}"#
             ),
         )
     }
@@ -187,11 +217,20 @@ fn mtls_server_config(pki: &Pki) -> Arc<rustls::ServerConfig> {
     Arc::new(config)
 }
 
+/// What the HTTP/2 upstream received.
+#[derive(Clone, Debug, Default)]
+struct H2Seen {
+    /// Every Authorization value.
+    authorization: Vec<String>,
+    /// Every `DPoP` proof.
+    dpop: Vec<String>,
+}
+
 /// An HTTP/2-only TLS upstream (ALPN `h2`) that accepts the tokens in
-/// `tokens` and records every Authorization value it receives: the fixture
-/// upstream speaks HTTP/1.1 only, and h2's frame and HPACK tracing is where
-/// a header could leak at trace level.
-async fn h2_upstream(pki: &Pki, tokens: Arc<TokenState>) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+/// `tokens` (`Bearer` or `DPoP`) and records every Authorization value and
+/// DPoP proof it receives: the fixture upstream speaks HTTP/1.1 only, and
+/// h2's frame and HPACK tracing is where a header could leak at trace level.
+async fn h2_upstream(pki: &Pki, tokens: Arc<TokenState>) -> (SocketAddr, Arc<Mutex<H2Seen>>) {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let (cert, key) = pki.leaf_pem(&["localhost"]);
@@ -210,7 +249,7 @@ async fn h2_upstream(pki: &Pki, tokens: Arc<TokenState>) -> (SocketAddr, Arc<Mut
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::new(Mutex::new(H2Seen::default()));
     let recorded = Arc::clone(&seen);
     tokio::spawn(async move {
         loop {
@@ -225,15 +264,24 @@ async fn h2_upstream(pki: &Pki, tokens: Arc<TokenState>) -> (SocketAddr, Arc<Mut
                     return;
                 };
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let authorization = req
-                        .headers()
-                        .get("authorization")
-                        .map(|v| v.to_str().unwrap_or("?").to_owned());
+                    let header = |name: &str| {
+                        req.headers()
+                            .get(name)
+                            .map(|v| v.to_str().unwrap_or("?").to_owned())
+                    };
+                    let authorization = header("authorization");
+                    let dpop = header("dpop");
                     let valid = authorization
                         .as_deref()
-                        .and_then(|a| a.strip_prefix("Bearer "))
+                        .and_then(|a| {
+                            a.strip_prefix("Bearer ")
+                                .or_else(|| a.strip_prefix("DPoP "))
+                        })
                         .is_some_and(|t| tokens.valid(t));
-                    seen.lock().unwrap().extend(authorization);
+                    let mut seen = seen.lock().unwrap();
+                    seen.authorization.extend(authorization);
+                    seen.dpop.extend(dpop);
+                    drop(seen);
                     let answer = if valid {
                         json(200, &format!(r#"{{"version":"{:?}"}}"#, req.version()))
                     } else {
@@ -285,6 +333,109 @@ fn write_secret_volume(dir: &Path, generation: u32, value: &str) {
     let link = dir.join("client-secret");
     if std::fs::symlink_metadata(&link).is_err() {
         std::os::unix::fs::symlink("..data/client-secret", &link).unwrap();
+    }
+}
+
+/// Writes `contents` to `path` with owner-only permissions, atomically (a
+/// file beside it renamed over it), as a rotated key file appears.
+fn write_private(path: &Path, contents: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .unwrap();
+    file.write_all(contents.as_bytes()).unwrap();
+    drop(file);
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A new EC P-256 key as a PKCS#8 PEM (what a DPoP key file holds).
+fn p256_pem() -> String {
+    let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .unwrap()
+        .serialize_pem();
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+    pem
+}
+
+/// The private scalar of an EC P-256 PKCS#8 PEM key: what a JWK's `d`
+/// holds.
+fn p256_private_scalar(pem: &str) -> Vec<u8> {
+    let body: String = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .map(str::trim)
+        .collect();
+    let der = STANDARD.decode(body).unwrap();
+    // ECPrivateKey (RFC 5915): version 1, then privateKey, a 32-byte OCTET
+    // STRING.
+    let at = der
+        .windows(5)
+        .position(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20])
+        .expect("an ECPrivateKey in the PKCS#8 key")
+        + 5;
+    der[at..at + 32].to_vec()
+}
+
+/// The public key's `x` of an EC P-256 PKCS#8 PEM key (which holds the
+/// public key too), as a JWK has it.
+fn p256_public_x(pem: &str) -> String {
+    let body: String = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .map(str::trim)
+        .collect();
+    let der = STANDARD.decode(body).unwrap();
+    // publicKey [1]: BIT STRING, 66 bytes: no unused bits, 04, x, y.
+    let at = der
+        .windows(4)
+        .position(|w| w == [0x03, 0x42, 0x00, 0x04])
+        .expect("a public key in the PKCS#8 key")
+        + 4;
+    URL_SAFE_NO_PAD.encode(&der[at..at + 32])
+}
+
+/// The header and claims of a JWS, decoded (not verified).
+fn jws_parts(jws: &str) -> (serde_json::Value, serde_json::Value) {
+    let mut parts = jws.split('.');
+    let mut decode = |what: &str| -> serde_json::Value {
+        let segment = parts.next().unwrap_or_else(|| panic!("no {what} in {jws}"));
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(segment).unwrap()).unwrap()
+    };
+    let header = decode("header");
+    let claims = decode("claims");
+    (header, claims)
+}
+
+/// Checks one DPoP proof: a `dpop+jwt` with a public key only, for
+/// `htm` and `htu`, and (`token`) for the token it goes with (`ath`).
+fn check_proof(proof: &str, htm: &str, htu: &str, token: Option<&str>) {
+    let (header, claims) = jws_parts(proof);
+    assert_eq!(header["typ"], "dpop+jwt", "{header}");
+    assert_eq!(header["jwk"]["kty"], "EC", "{header}");
+    assert!(
+        header["jwk"].get("d").is_none(),
+        "a private key in {header}"
+    );
+    assert_eq!(claims["htm"], htm, "{claims}");
+    assert_eq!(claims["htu"], htu, "{claims}");
+    assert!(
+        claims["jti"].is_string() && claims["iat"].is_number(),
+        "{claims}"
+    );
+    match token {
+        Some(token) => {
+            let ath = URL_SAFE_NO_PAD.encode(ring::digest::digest(
+                &ring::digest::SHA256,
+                token.as_bytes(),
+            ));
+            assert_eq!(claims["ath"], ath.as_str(), "{claims}");
+        }
+        None => assert!(claims.get("ath").is_none(), "{claims}"),
     }
 }
 
@@ -365,35 +516,40 @@ impl Proxy {
         }
     }
 
-    /// Waits for the "listening" line and returns the proxy address from it.
-    async fn listening(&mut self, format: Format) -> SocketAddr {
+    /// Waits for the "listening" line and returns the proxy and admin
+    /// addresses from it.
+    async fn listening(&mut self, format: Format) -> (SocketAddr, SocketAddr) {
         let wait = async {
             while let Some(line) = self.lines.recv().await {
                 if !line.contains("token-injector listening") {
                     continue;
                 }
-                let addr = match format {
-                    Format::Json => {
-                        let v: serde_json::Value = serde_json::from_str(&line)
-                            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-                        v["fields"]["proxy_addr"]
-                            .as_str()
-                            .unwrap_or_else(|| panic!("no fields.proxy_addr: {line}"))
-                            .to_owned()
-                    }
-                    Format::Text => {
-                        let plain = strip_ansi(&line);
-                        let at = plain
-                            .find("proxy_addr=")
-                            .unwrap_or_else(|| panic!("no proxy_addr: {plain}"));
-                        plain[at + "proxy_addr=".len()..]
-                            .split_whitespace()
-                            .next()
-                            .unwrap()
-                            .to_owned()
-                    }
+                let addr = |key: &str| -> SocketAddr {
+                    let value = match format {
+                        Format::Json => {
+                            let v: serde_json::Value = serde_json::from_str(&line)
+                                .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                            v["fields"][key]
+                                .as_str()
+                                .unwrap_or_else(|| panic!("no fields.{key}: {line}"))
+                                .to_owned()
+                        }
+                        Format::Text => {
+                            let plain = strip_ansi(&line);
+                            let prefix = format!("{key}=");
+                            let at = plain
+                                .find(&prefix)
+                                .unwrap_or_else(|| panic!("no {key}: {plain}"));
+                            plain[at + prefix.len()..]
+                                .split_whitespace()
+                                .next()
+                                .unwrap()
+                                .to_owned()
+                        }
+                    };
+                    value.parse().unwrap()
                 };
-                return addr.parse().unwrap();
+                return (addr("proxy_addr"), addr("admin_addr"));
             }
             panic!("token-injector exited before listening");
         };
@@ -486,6 +642,10 @@ impl Forbidden {
         }
     }
 
+    /// A JWS (a client assertion, a DPoP proof): whole, and each segment.
+    /// A DPoP proof's first segment, its JWS header, holds only the public
+    /// key, the same in every proof of a key; it is searched too, as that
+    /// encoding of it exists only in proofs.
     fn assertion(&mut self, what: &str, jwt: &str) {
         self.add(what, jwt);
         for (i, segment) in jwt.split('.').enumerate() {
@@ -493,6 +653,20 @@ impl Forbidden {
                 self.add(&format!("{what} (JWT segment {i})"), segment);
             }
         }
+    }
+
+    /// A DPoP key: its PEM, and its private scalar the way a JWK (`d`), a
+    /// Debug dump or a hex dump would show it.
+    fn dpop_key(&mut self, what: &str, pem: &str) {
+        self.private_key(pem);
+        let d = p256_private_scalar(pem);
+        self.add(&format!("{what} (JWK d)"), &URL_SAFE_NO_PAD.encode(&d));
+        self.add(
+            &format!("{what} (base64)"),
+            STANDARD.encode(&d).trim_end_matches('='),
+        );
+        let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+        self.add(&format!("{what} (hex)"), &hex);
     }
 
     fn private_key(&mut self, pem: &str) {
@@ -542,7 +716,7 @@ fn line_at(log: &str, at: usize) -> &str {
     &log[start..end]
 }
 
-const PROFILES_OK: [&str; 6] = ["basic", "post", "jwt", "pkjwt", "federated", "mtls"];
+const PROFILES_OK: [&str; 7] = ["basic", "post", "jwt", "pkjwt", "federated", "mtls", "dpop"];
 
 fn client_id(profile: &str) -> String {
     format!("{profile} client")
@@ -597,10 +771,23 @@ async fn run_scenario(format: Format) {
     let (client_cert, client_key) = pki.leaf_pem(&["mtls-client.test"]);
     std::fs::write(d.join("mtls.crt"), &client_cert).unwrap();
     std::fs::write(d.join("mtls.key"), &client_key).unwrap();
+    let dpop_secret = secret("dpop");
+    std::fs::write(d.join("dpop-secret"), format!("{dpop_secret}\n")).unwrap();
+    let dpop_pem = p256_pem();
+    let dpop_key_path = d.join("dpop.pem");
+    write_private(&dpop_key_path, &dpop_pem);
+    // What the key file is rotated to: a key that does not load (the next
+    // key cut short: valid PEM, truncated DER), then that key whole.
+    let dpop_pem_next = p256_pem();
+    let dpop_pem_cut = {
+        let lines: Vec<&str> = dpop_pem_next.lines().collect();
+        format!("{}\n{}\n{}\n", lines[0], lines[1], lines[lines.len() - 1])
+    };
 
     let token_url = format!("https://localhost:{}/oauth2/token", idp_addr.port());
     let mtls_url = format!("https://localhost:{}/oauth2/token", mtls_addr.port());
     let fail_url = format!("https://localhost:{}/fail", idp_addr.port());
+    let ignores_dpop_url = format!("https://localhost:{}{IGNORES_DPOP}", idp_addr.port());
     let upstream_url = format!("https://localhost:{}", upstream.addr.port());
     let mut config = format!(
         r#"
@@ -673,6 +860,24 @@ client_id = "failing client"
 auth_method = "client_secret_post"
 client_secret_env = "{FAILING_SECRET_ENV}"
 ca_file = "ca.pem"
+
+[profiles.dpop]
+token_url = "{token_url}"
+client_id = "dpop client"
+auth_method = "client_secret_post"
+client_secret_file = "dpop-secret"
+ca_file = "ca.pem"
+dpop = true
+dpop_key_file = "dpop.pem"
+
+[profiles.dpop_ignored]
+token_url = "{ignores_dpop_url}"
+client_id = "dpop_ignored client"
+auth_method = "client_secret_basic"
+client_secret_file = "dpop-secret"
+ca_file = "ca.pem"
+dpop = true
+dpop_key_file = "dpop.pem"
 "#
     );
     for profile in PROFILES_OK.iter().chain(&["failing"]) {
@@ -680,17 +885,24 @@ ca_file = "ca.pem"
             "\n[[routes]]\nhost = \"{profile}.test\"\nupstream = \"{upstream_url}\"\nprofile = \"{profile}\"\nca_file = \"ca.pem\"\n"
         ));
     }
-    // A second route of the basic profile, to an HTTP/2 upstream (ALPN).
+    // Second routes of the basic and dpop profiles, to an HTTP/2 upstream
+    // (ALPN).
+    for (host, profile) in [("h2.test", "basic"), ("dpop-h2.test", "dpop")] {
+        config.push_str(&format!(
+            "\n[[routes]]\nhost = \"{host}\"\nupstream = \"https://localhost:{}\"\nprofile = \"{profile}\"\nca_file = \"ca.pem\"\n",
+            h2_addr.port()
+        ));
+    }
+    // The DPoP profile whose token endpoint ignores the proof.
     config.push_str(&format!(
-        "\n[[routes]]\nhost = \"h2.test\"\nupstream = \"https://localhost:{}\"\nprofile = \"basic\"\nca_file = \"ca.pem\"\n",
-        h2_addr.port()
+        "\n[[routes]]\nhost = \"dpop-ignored.test\"\nupstream = \"{upstream_url}\"\nprofile = \"dpop_ignored\"\nca_file = \"ca.pem\"\n"
     ));
     let config_path = d.join("token-injector.toml");
     std::fs::write(&config_path, config).unwrap();
 
     let log_file = dir.path().join("stderr.log");
     let mut proxy = Proxy::spawn(&config_path, format, &failing_secret, &log_file);
-    let proxy_addr = proxy.listening(format).await;
+    let (proxy_addr, admin_addr) = proxy.listening(format).await;
     let client = proxied_client(proxy_addr);
 
     // A request on every route: each waits for its profile's first token.
@@ -706,24 +918,64 @@ ca_file = "ca.pem"
         assert!(body.contains(&format!("/hello/{profile}")), "{body}");
     }
 
-    let r = client.get("http://h2.test/over-h2").send().await.unwrap();
-    let status = r.status();
-    let body = r.text().await.unwrap();
-    assert_eq!(status, 200, "{body}");
-    assert!(
-        body.contains("HTTP/2.0"),
-        "not forwarded over HTTP/2: {body}"
-    );
+    for host in ["h2.test", "dpop-h2.test"] {
+        let r = client
+            .get(format!("http://{host}/over-h2"))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let body = r.text().await.unwrap();
+        assert_eq!(status, 200, "{host}: {body}");
+        assert!(
+            body.contains("HTTP/2.0"),
+            "{host}: not forwarded over HTTP/2: {body}"
+        );
+    }
+
+    // The DPoP route again, with a body and a query (not in htu).
+    let r = client
+        .post("http://dpop.test/items/42?q=1")
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    // What the app got back when no token was to be had: searched too.
+    let mut answers: Vec<(String, String)> = Vec::new();
+    let mut answer = async |what: &str, r: reqwest::Response| {
+        let headers = format!("{:?}", r.headers());
+        let body = r.text().await.unwrap();
+        answers.push((what.to_owned(), format!("{headers}\n{body}")));
+    };
 
     // The failing profile: 503, after the endpoint refused at least twice
     // (so the failure and a retry are logged).
     let r = client.get("http://failing.test/x").send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(error_kind(&r).as_deref(), Some("token_unavailable"));
+    answer("failing profile's 503", r).await;
     let mut failures = idp.failures.subscribe();
     tokio::time::timeout(Duration::from_secs(20), failures.wait_for(|n| *n >= 2))
         .await
         .expect("the failing profile did not retry")
+        .unwrap();
+
+    // The DPoP profile whose token endpoint answers Bearer: refused, 503,
+    // retried (the refusal is logged with the key in use).
+    let r = client
+        .get("http://dpop-ignored.test/x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(error_kind(&r).as_deref(), Some("token_unavailable"));
+    answer("dpop_ignored profile's 503", r).await;
+    let mut ignored = idp.ignored_dpop.subscribe();
+    tokio::time::timeout(Duration::from_secs(20), ignored.wait_for(|n| *n >= 2))
+        .await
+        .expect("the dpop_ignored profile did not retry")
         .unwrap();
 
     // An upstream 401: the proxy drops the token, fetches another, retries.
@@ -764,6 +1016,63 @@ ca_file = "ca.pem"
     assert_eq!(
         post.last().unwrap().param("client_secret"),
         Some(post_secret_new.as_str())
+    );
+
+    // DPoP: an upstream 401 (no DPoP challenge) drops the token; the next
+    // one is fetched with a new proof and the request resent with another.
+    // Then the key file is rotated: first to a file that does not load (the
+    // key in use stays), then to a new key, each used by the token request
+    // a 401 causes.
+    let dpop_get = async |path: &str| {
+        let before = idp.by_client("dpop client").len();
+        upstream
+            .state
+            .force_401
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        let r = client
+            .get(format!("http://dpop.test{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(idp.by_client("dpop client").len(), before + 1, "{path}");
+    };
+    // A 401 refetches at most once per unauthorized_refresh_interval (1 s).
+    let refetch_interval = Duration::from_millis(1100);
+    dpop_get("/after-401").await;
+    write_private(&dpop_key_path, &dpop_pem_cut);
+    tokio::time::sleep(refetch_interval).await;
+    dpop_get("/after-bad-key").await;
+    write_private(&dpop_key_path, &dpop_pem_next);
+    tokio::time::sleep(refetch_interval).await;
+    dpop_get("/after-key-rotation").await;
+
+    // ---- what the admin listener shows ----
+    let admin = support::direct_client();
+    let mut admin_pages: Vec<(String, String)> = Vec::new();
+    for path in ["/metrics", "/readyz", "/healthz"] {
+        let r = admin
+            .get(format!("http://{admin_addr}{path}"))
+            .send()
+            .await
+            .unwrap();
+        let headers = format!("{:?}", r.headers());
+        let body = r.text().await.unwrap();
+        admin_pages.push((format!("admin {path}"), format!("{headers}\n{body}")));
+    }
+    let dpop_proofs = support::metric_value(
+        &admin_pages[0].1,
+        r#"token_injector_dpop_proofs_total{profile="dpop"}"#,
+    );
+    assert!(
+        dpop_proofs.is_some_and(|n| n >= 10.0),
+        "dpop_proofs_total {dpop_proofs:?}:\n{}",
+        admin_pages[0].1
+    );
+    assert!(
+        admin_pages[1].1.contains(r#""dpop""#),
+        "{}",
+        admin_pages[1].1
     );
 
     let (status, lines) = proxy.stop().await;
@@ -815,14 +1124,108 @@ ca_file = "ca.pem"
     );
     let issued = idp.issued();
     assert!(issued.len() >= PROFILES_OK.len() + 2, "{issued:?}");
-    let upstream_auth: Vec<String> = upstream
-        .seen()
-        .into_iter()
-        .filter_map(|s| s.authorization)
+    let upstream_seen = upstream.seen();
+    let upstream_auth: Vec<String> = upstream_seen
+        .iter()
+        .filter_map(|s| s.authorization.clone())
         .collect();
     assert!(upstream_auth.len() >= PROFILES_OK.len() + 4);
-    let h2_auth = h2_seen.lock().unwrap().clone();
-    assert_eq!(h2_auth.len(), 1, "{h2_auth:?}");
+    let h2 = h2_seen.lock().unwrap().clone();
+    assert_eq!(h2.authorization.len(), 2, "{h2:?}");
+
+    // DPoP was in use: proofs at the token endpoint (the ignoring one too),
+    // DPoP tokens, and each request of the DPoP routes with Authorization:
+    // DPoP and a proof for it, signed with the key of the file.
+    let jwk_x = |proof: &str| jws_parts(proof).0["jwk"]["x"].as_str().unwrap().to_owned();
+    let (x_first, x_next) = (p256_public_x(&dpop_pem), p256_public_x(&dpop_pem_next));
+    let dpop_fetches = idp.by_client("dpop client");
+    assert_eq!(dpop_fetches.len(), 4, "{dpop_fetches:?}");
+    for (i, r) in dpop_fetches.iter().enumerate() {
+        let proof = r
+            .dpop
+            .as_deref()
+            .unwrap_or_else(|| panic!("a DPoP token request without a proof: {r:?}"));
+        check_proof(proof, "POST", &token_url, None);
+        let want = if i == 3 { &x_next } else { &x_first };
+        assert_eq!(
+            &jwk_x(proof),
+            want,
+            "token request {i}: not the key file's key"
+        );
+    }
+    let ignored: Vec<&Received> = received.iter().filter(|r| r.path == IGNORES_DPOP).collect();
+    assert!(ignored.len() >= 2, "{ignored:?}");
+    for r in &ignored {
+        check_proof(r.dpop.as_deref().unwrap(), "POST", &ignores_dpop_url, None);
+    }
+    let dpop_tokens = idp.dpop_tokens.lock().unwrap().clone();
+    assert_eq!(dpop_tokens.len(), 4, "{dpop_tokens:?}");
+    let upstream_dpop: Vec<(String, String, &support::Seen)> = upstream_seen
+        .iter()
+        .filter_map(|s| {
+            let token = s.authorization.as_deref()?.strip_prefix("DPoP ")?;
+            let proof = s.headers.iter().find(|(k, _)| k == "dpop").map(|(_, v)| v);
+            let proof = proof.unwrap_or_else(|| panic!("DPoP token without a proof: {s:?}"));
+            Some((token.to_owned(), proof.clone(), s))
+        })
+        .collect();
+    let dpop_paths: Vec<&str> = upstream_dpop
+        .iter()
+        .map(|(_, _, s)| s.path.as_str())
+        .collect();
+    assert_eq!(
+        dpop_paths,
+        [
+            "/hello/dpop",
+            "/items/42?q=1",
+            "/after-401",
+            "/after-401",
+            "/after-bad-key",
+            "/after-bad-key",
+            "/after-key-rotation",
+            "/after-key-rotation",
+        ],
+        "the requests of the DPoP route, each with Authorization: DPoP"
+    );
+    for (i, (token, proof, seen)) in upstream_dpop.iter().enumerate() {
+        assert!(dpop_tokens.contains(token), "{token} not issued as DPoP");
+        let path = seen.path.split('?').next().unwrap();
+        check_proof(
+            proof,
+            &seen.method,
+            &format!("{upstream_url}{path}"),
+            Some(token),
+        );
+        let want = if i == upstream_dpop.len() - 1 {
+            &x_next
+        } else {
+            &x_first
+        };
+        assert_eq!(&jwk_x(proof), want, "{}: not the key file's key", seen.path);
+    }
+    assert!(
+        upstream_seen
+            .iter()
+            .filter(|s| !s
+                .authorization
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("DPoP "))
+            .all(|s| s.headers.iter().all(|(k, _)| k != "dpop")),
+        "a DPoP proof on a Bearer route"
+    );
+    let h2_dpop = h2
+        .authorization
+        .iter()
+        .find_map(|a| a.strip_prefix("DPoP "))
+        .unwrap_or_else(|| panic!("no DPoP request over HTTP/2: {h2:?}"));
+    assert_eq!(h2.dpop.len(), 1, "{h2:?}");
+    check_proof(
+        &h2.dpop[0],
+        "GET",
+        &format!("https://localhost:{}/over-h2", h2_addr.port()),
+        Some(h2_dpop),
+    );
 
     // ---- what must not be logged ----
     let mut forbidden = Forbidden::default();
@@ -838,7 +1241,19 @@ ca_file = "ca.pem"
     forbidden.assertion("federated assertion file", &federated);
     forbidden.private_key(&signing_pem);
     forbidden.private_key(&client_key);
+    forbidden.secret("dpop client secret", "dpop client", &dpop_secret);
+    forbidden.secret(
+        "dpop_ignored client secret",
+        "dpop_ignored client",
+        &dpop_secret,
+    );
+    // The cut key is the first lines of the next one: covered by it.
+    forbidden.dpop_key("DPoP key", &dpop_pem);
+    forbidden.dpop_key("rotated DPoP key", &dpop_pem_next);
     for r in &received {
+        if let Some(proof) = &r.dpop {
+            forbidden.assertion("DPoP proof sent to the token endpoint", proof);
+        }
         if let Some(a) = &r.authorization {
             forbidden.add("Authorization sent to the token endpoint", a);
             if let Some(b64) = a.strip_prefix("Basic ") {
@@ -856,8 +1271,18 @@ ca_file = "ca.pem"
     for token in &issued {
         forbidden.add("access token issued", token);
     }
-    for auth in upstream_auth.iter().chain(&h2_auth) {
+    for auth in upstream_auth.iter().chain(&h2.authorization) {
         forbidden.add("Authorization seen upstream", auth);
+    }
+    for token in &dpop_tokens {
+        forbidden.add("DPoP-bound access token", token);
+        forbidden.add("DPoP Authorization", &format!("DPoP {token}"));
+    }
+    for (_, proof, _) in &upstream_dpop {
+        forbidden.assertion("DPoP proof seen upstream", proof);
+    }
+    for proof in &h2.dpop {
+        forbidden.assertion("DPoP proof seen upstream over HTTP/2", proof);
     }
 
     let log = lines.join("\n");
@@ -870,6 +1295,14 @@ ca_file = "ca.pem"
         log_file.display(),
         leaks.join("\n")
     );
+    for (what, text) in answers.iter().chain(&admin_pages) {
+        let leaks = forbidden.leaks(text);
+        assert!(
+            leaks.is_empty(),
+            "{what} leaks credentials:\n{}\n---\n{text}",
+            leaks.join("\n")
+        );
+    }
 
     // ---- the logs are the real thing ----
     assert!(
@@ -934,6 +1367,36 @@ ca_file = "ca.pem"
     );
     assert!(
         has(
+            "WARN",
+            "token fetch failed",
+            &[
+                &field("profile", "dpop_ignored"),
+                "token_type is not DPoP although a DPoP proof was sent"
+            ]
+        ),
+        "no \"token fetch failed\" line for the DPoP token a server did not bind in {}",
+        log_file.display()
+    );
+    assert!(
+        has(
+            "WARN",
+            "dpop_key_file does not load; the key in use stays",
+            &[&field("profile", "dpop")]
+        ),
+        "no line for the DPoP key file that does not load in {}",
+        log_file.display()
+    );
+    assert!(
+        has(
+            "INFO",
+            "DPoP key file changed; the next tokens are bound to the new key",
+            &[&field("profile", "dpop")]
+        ),
+        "no line for the rotated DPoP key in {}",
+        log_file.display()
+    );
+    assert!(
+        has(
             "DEBUG",
             "upstream answered 401; retrying with a fresh token",
             &[]
@@ -973,6 +1436,8 @@ fn leak_search_finds_every_form() {
     f.secret("secret", "my client", "a:b+c/d%e&f g-0123456789");
     let key = rcgen::KeyPair::generate().unwrap().serialize_pem();
     f.private_key(&key);
+    let dpop_key = p256_pem();
+    f.dpop_key("dpop key", &dpop_key);
     let jwt = fake_federated_jwt();
     f.assertion("assertion", &jwt);
     f.add("token", "tok-1-00112233445566778899aabbccddeeff");
@@ -988,6 +1453,10 @@ fn leak_search_finds_every_form() {
         format!("key=...{}...", &body[37..37 + KEY_WINDOW]),
         format!("claims {payload}"),
         "Bearer tok-1-00112233445566778899aabbccddeeff".to_owned(),
+        format!(
+            r#"jwk={{"kty":"EC","d":"{}"}}"#,
+            URL_SAFE_NO_PAD.encode(p256_private_scalar(&dpop_key))
+        ),
     ] {
         let log = format!("{clean}\nTRACE something: {leak}\nINFO stopped");
         assert!(!f.leaks(&log).is_empty(), "not found: {leak}");

@@ -1007,3 +1007,130 @@ async fn nothing_secret_in_redis() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// DPoP (issue 17)
+
+/// The RFC 7638 thumbprint of the EC `jwk` in a DPoP proof's header, and
+/// the proof's claims.
+fn proof_parts(proof: &str) -> (String, serde_json::Value) {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    let mut parts = proof.split('.');
+    let header: serde_json::Value =
+        serde_json::from_slice(&B64.decode(parts.next().unwrap()).unwrap()).unwrap();
+    let claims = serde_json::from_slice(&B64.decode(parts.next().unwrap()).unwrap()).unwrap();
+    let jwk = &header["jwk"];
+    assert_eq!(jwk["kty"], "EC", "{header}");
+    let canonical = format!(
+        r#"{{"crv":"{}","kty":"EC","x":"{}","y":"{}"}}"#,
+        jwk["crv"].as_str().unwrap(),
+        jwk["x"].as_str().unwrap(),
+        jwk["y"].as_str().unwrap()
+    );
+    let digest = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
+    (B64.encode(digest), claims)
+}
+
+/// A fresh EC P-256 key in `dir/name`; its thumbprint.
+fn write_dpop_key(dir: &std::path::Path, name: &str) -> String {
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    write_private(&dir.join(name), kp.serialize_pem().as_bytes());
+    let key = token_injector::keys::SigningKey::load(&dir.join(name)).unwrap();
+    token_injector::dpop::ProofKey::new(key, None)
+        .unwrap()
+        .thumbprint()
+        .to_owned()
+}
+
+/// Replicas with the same `dpop_key_file` share one DPoP-bound token: the
+/// second adopts it without a token request, and both sign its proofs with
+/// that key. A rotated key file binds the next renewal's token to the new
+/// key under an entry of its own, and no token is ever sent with proofs of
+/// two keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dpop_tokens_are_shared_only_with_the_key_they_are_bound_to() {
+    let w = World::new(Mode::Issue(3.0)).await;
+    let redis = Server::start().await;
+    write_key(w.dir.path(), KEY_FILE);
+    let first_key = write_dpop_key(w.dir.path(), "dpop.pem");
+    let text = fleet_config(&w, &redis).replace(
+        "scopes = [\"read\", \"write\"]\n",
+        "scopes = [\"read\", \"write\"]\ndpop = true\ndpop_key_file = \"dpop.pem\"\n",
+    );
+    let a = Instance::start(&w, &text, 0).await;
+    w.tokens.state.wait_for_requests(1, WAIT).await;
+    let before = w.tokens.state.count();
+    let b = Instance::start(&w, &text, 1).await;
+    assert_eq!(a.get().await, Ok(200));
+    assert_eq!(b.get().await, Ok(200));
+    assert_eq!(
+        w.tokens.state.count(),
+        before,
+        "the second adopted the token"
+    );
+    assert_eq!(a.token(), b.token());
+    let first_entry = the_entry(&redis).await;
+
+    // Rotate the key: the next renewal (a 3 s token renews within 1.5 s)
+    // binds its token to the new key, and both replicas sign with it.
+    let second_key = write_dpop_key(w.dir.path(), "dpop.pem");
+    assert_ne!(first_key, second_key);
+    eventually(WAIT, || async {
+        let (ra, rb) = (a.get().await, b.get().await);
+        let seen = w.upstream.seen();
+        let last = |n: usize| {
+            seen.iter()
+                .rev()
+                .find(|s| {
+                    s.headers
+                        .iter()
+                        .any(|(k, v)| k == "x-instance" && *v == n.to_string())
+                })
+                .and_then(|s| {
+                    s.headers
+                        .iter()
+                        .find(|(k, _)| k == "dpop")
+                        .map(|(_, v)| proof_parts(v).0)
+                })
+        };
+        (ra == Ok(200)
+            && rb == Ok(200)
+            && last(0).as_ref() == Some(&second_key)
+            && last(1).as_ref() == Some(&second_key))
+        .then_some(())
+    })
+    .await;
+    let entries = redis.keys(ENTRIES).await;
+    assert!(
+        entries.iter().any(|e| *e != first_entry),
+        "the new key's tokens have an entry of their own: {entries:?}"
+    );
+
+    // Every request: `Authorization: DPoP`, a proof whose `ath` is its
+    // token's, and each token with one key only.
+    let mut key_of: BTreeMap<String, String> = BTreeMap::new();
+    let seen = w.upstream.seen();
+    assert!(seen.len() >= 4);
+    for s in &seen {
+        let token = s
+            .authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("DPoP "))
+            .unwrap_or_else(|| panic!("not a DPoP request: {:?}", s.authorization));
+        let proof = &s.headers.iter().find(|(k, _)| k == "dpop").unwrap().1;
+        let (jkt, claims) = proof_parts(proof);
+        assert_eq!(claims["ath"], token_injector::dpop::ath(token.as_bytes()));
+        assert!(jkt == first_key || jkt == second_key, "{jkt}");
+        let bound = key_of
+            .entry(token.to_owned())
+            .or_insert_with(|| jkt.clone());
+        assert_eq!(*bound, jkt, "a token was sent with proofs of two keys");
+    }
+    assert_eq!(
+        w.upstream
+            .state
+            .rejected
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}

@@ -10,6 +10,8 @@
 // Everything else goes to stderr. Exits when stdin closes or on SIGTERM/SIGINT.
 // Optional: OIDC_FIXTURE_NO_RFC8414=1 makes /.well-known/oauth-authorization-server
 // answer 404 (only /.well-known/openid-configuration is then served).
+// Optional: OIDC_FIXTURE_DPOP_NONCE=1 makes the token endpoint require a
+// server-provided nonce in every DPoP proof (RFC 9449 section 8).
 //
 // See README.md next to this file for the full contract.
 
@@ -80,7 +82,7 @@ const common = {
   scope: 'read write',
 };
 
-const clients = [
+const baseClients = [
   {
     ...common,
     client_id: 'basic',
@@ -120,6 +122,19 @@ const clients = [
     token_endpoint_auth_method: 'tls_client_auth',
     tls_client_auth_san_dns: 'tls-client.test',
   },
+];
+
+// The same clients again as `dpop-<id>`, with DPoP-bound access tokens
+// (RFC 9449 section 5.2): these must send a DPoP proof with every token
+// request, and their tokens carry cnf.jkt. The plain clients may send a proof
+// too (then their token is bound as well), but need not.
+const clients = [
+  ...baseClients,
+  ...baseClients.map((client) => ({
+    ...client,
+    client_id: `dpop-${client.client_id}`,
+    dpop_bound_access_tokens: true,
+  })),
 ];
 
 // Parse "DNS:a, DNS:b, IP Address:1.2.3.4" (X509Certificate#subjectAltName).
@@ -163,6 +178,8 @@ server.listen(0, '127.0.0.1', () => {
   const { port } = server.address();
   const issuer = `https://localhost:${port}`;
 
+  const requireDpopNonce = process.env.OIDC_FIXTURE_DPOP_NONCE === '1';
+
   let provider;
   try {
     provider = new Provider(issuer, {
@@ -177,12 +194,27 @@ server.listen(0, '127.0.0.1', () => {
         'private_key_jwt',
         'tls_client_auth',
       ],
+      enabledJWA: {
+        // The provider's default is ES256, Ed25519 and EdDSA; the proxy can
+        // also sign proofs with RSA keys.
+        dPoPSigningAlgValues: ['ES256', 'EdDSA', 'Ed25519', 'PS256', 'RS256'],
+      },
       ttl: {
         ClientCredentials: (ctx, token) => token.resourceServer?.accessTokenTTL || ACCESS_TOKEN_TTL,
       },
       features: {
         devInteractions: { enabled: false },
         clientCredentials: { enabled: true },
+        dPoP: {
+          enabled: true,
+          // With a nonce secret the provider hands out a DPoP-Nonce on token
+          // responses (also 200s) whenever the proof did not carry the
+          // current one; with requireNonce a proof without a valid nonce
+          // gets 400 use_dpop_nonce (and a DPoP-Nonce header).
+          nonceSecret: crypto.randomBytes(32),
+          requireNonce: () => requireDpopNonce,
+          allowReplay: false,
+        },
         resourceIndicators: {
           enabled: true,
           defaultResource: async (ctx, client, oneOf) => oneOf || API,

@@ -25,6 +25,9 @@ enum Answer {
     AlwaysNewNonce,
     /// Ignore the proof and issue a Bearer token.
     Bearer,
+    /// A server whose clock runs 10 minutes ahead: proofs more than 30 s
+    /// from its clock are refused (`invalid_dpop_proof`, with its `Date`).
+    Ahead,
 }
 
 /// What the endpoint saw: each request's proof payload (None: no proof).
@@ -71,6 +74,18 @@ async fn endpoint(pki: &Pki, answer: Answer) -> (String, Seen) {
                     200,
                     r#"{"access_token":"b","token_type":"Bearer","expires_in":60}"#,
                 ),
+                Answer::Ahead => {
+                    let now = std::time::SystemTime::now() + Duration::from_secs(600);
+                    let unix = now.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+                    let mut r = if p["iat"].as_u64().unwrap().abs_diff(unix) > 30 {
+                        json(400, r#"{"error":"invalid_dpop_proof","error_description":"iat"}"#)
+                    } else {
+                        json(200, r#"{"access_token":"d.p","token_type":"DPoP","expires_in":60}"#)
+                    };
+                    r.headers_mut()
+                        .insert("date", httpdate::fmt_http_date(now).parse().unwrap());
+                    r
+                }
                 Answer::NonceOnce => json(
                     200,
                     r#"{"access_token":"d.p","token_type":"DPoP","expires_in":60}"#,
@@ -142,4 +157,25 @@ async fn a_server_that_ignores_the_proof_is_noticed() {
     let (url, _) = endpoint(&pki, Answer::Bearer).await;
     let e = fetch(&pki, &url).await.unwrap_err();
     assert!(e.to_string().contains("token_type is not DPoP"), "{e}");
+}
+
+#[tokio::test]
+async fn a_token_endpoint_clock_far_off_is_learned_from_its_date() {
+    let pki = Pki::new();
+    let (url, seen) = endpoint(&pki, Answer::Ahead).await;
+    let parsed = fetch(&pki, &url).await.unwrap();
+    assert_eq!(parsed.access_token.expose(), "d.p");
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen.len(),
+        2,
+        "refused for its iat, then resent on the server's clock"
+    );
+    let iat = |i: usize| seen[i].as_ref().unwrap()["iat"].as_u64().unwrap();
+    assert!(
+        (595..=605).contains(&(iat(1) - iat(0))),
+        "{} then {}",
+        iat(0),
+        iat(1)
+    );
 }

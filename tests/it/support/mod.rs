@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub mod dpop_server;
 // Only the fleet tests (tests/fleet, tests/bin/fleet.rs) start Redis.
 #[allow(dead_code)]
 pub mod redis;
@@ -216,6 +217,13 @@ impl TokenServer {
 }
 
 async fn token_handler(s: Arc<TokenState>, req: Request<Incoming>) -> Response<BoxBody> {
+    // A request with a DPoP proof gets a DPoP token (the proof itself is
+    // checked by the servers in dpop.rs and support/dpop_server.rs).
+    let token_type = if req.headers().contains_key("dpop") {
+        "DPoP"
+    } else {
+        "Bearer"
+    };
     let auth = req
         .headers()
         .get("authorization")
@@ -252,7 +260,7 @@ async fn token_handler(s: Arc<TokenState>, req: Request<Incoming>) -> Response<B
             json(
                 200,
                 &format!(
-                    r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":{lifetime}}}"#
+                    r#"{{"access_token":"{token}","token_type":"{token_type}","expires_in":{lifetime}}}"#
                 ),
             )
         }
@@ -281,7 +289,7 @@ async fn token_handler(s: Arc<TokenState>, req: Request<Incoming>) -> Response<B
             json(
                 200,
                 &format!(
-                    r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":{lifetime}}}"#
+                    r#"{{"access_token":"{token}","token_type":"{token_type}","expires_in":{lifetime}}}"#
                 ),
             )
         }
@@ -380,9 +388,10 @@ async fn upstream_handler(
         body_len,
     };
     s.seen.lock().unwrap().push(seen.clone());
-    let token = authorization
-        .as_deref()
-        .and_then(|a| a.strip_prefix("Bearer "));
+    let token = authorization.as_deref().and_then(|a| {
+        a.strip_prefix("Bearer ")
+            .or_else(|| a.strip_prefix("DPoP "))
+    });
     let valid = token.is_some_and(|t| tokens.valid(t));
     if !valid {
         s.rejected.fetch_add(1, Ordering::SeqCst);
