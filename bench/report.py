@@ -7,12 +7,15 @@
 Each line of RESULTS_DIR/runs.jsonl is one measured run (see run.sh `measure`).
 Medians are over rounds; (min–max) is the spread over rounds. Ratios are
 token-injector ÷ peer of the medians, with the spread of the per-round ratios
-(runs of the same round are minutes apart at most).
+(runs of the same round are minutes apart at most). In the dpop mode they are
+each DPoP subject ÷ the bearer subject, and the callgrind and signature
+figures (dpop-callgrind.jsonl, callgrind-*.txt, dpop-sign.jsonl) are added.
 """
 
 import csv
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -59,6 +62,8 @@ def derive(r):
         # warm-up and after the run (its pool size)
         "pool_before": r.get("pool_before"),
         "pool_after": r.get("pool_after"),
+        # dpop mode: proofs the subject signed during the run (its counter)
+        "dpop_proofs": r.get("dpop_proofs"),
         # "TLSv1.3/TLS_AES_256_GCM_SHA384=12 ..." of the upstream connections
         # opened during warm-up and run.
         "upstream_tls": " ".join(f"{k}={v}" for k, v in sorted(r.get("upstream_tls", {}).items())),
@@ -121,8 +126,8 @@ def summarise(runs):
     return out
 
 
-def ratios(runs, mode="compare"):
-    """token-injector ÷ each peer, per (shape, body, conns)."""
+def ratios(runs, mode="compare", base=TI, peers=PEERS):
+    """base (token-injector) ÷ each peer, per (shape, body, conns)."""
     by_cell = {}
     for r in runs:
         if r["mode"] != mode:
@@ -131,21 +136,21 @@ def ratios(runs, mode="compare"):
             r["subject"], {})[r["round"]] = r
     out = []
     for (shape, body, conns), subj in by_cell.items():
-        if TI not in subj:
+        if base not in subj:
             continue
-        for peer in PEERS:
+        for peer in peers:
             if peer not in subj:
                 continue
             row = {"shape": shape, "body": body, "conns": conns, "peer": peer}
             for f in ("rps", "p99_ms", "us_per_req"):
-                a = [r[f] for r in subj[TI].values() if r[f] is not None]
+                a = [r[f] for r in subj[base].values() if r[f] is not None]
                 b = [r[f] for r in subj[peer].values() if r[f] is not None]
                 if not a or not b or statistics.median(b) == 0:
                     row[f] = None
                     continue
-                per_round = [subj[TI][k][f] / subj[peer][k][f]
-                             for k in subj[TI] if k in subj[peer]
-                             and subj[TI][k][f] is not None and subj[peer][k][f]]
+                per_round = [subj[base][k][f] / subj[peer][k][f]
+                             for k in subj[base] if k in subj[peer]
+                             and subj[base][k][f] is not None and subj[peer][k][f]]
                 row[f] = {
                     "ratio_of_medians": statistics.median(a) / statistics.median(b),
                     "per_round_min": min(per_round) if per_round else None,
@@ -174,7 +179,8 @@ def table(headers, rows):
     return "\n".join(out)
 
 
-SUBJECT_ORDER = {TI: 0, "nginx": 1, "haproxy": 2, "direct": 3}
+SUBJECT_ORDER = {TI: 0, "nginx": 1, "haproxy": 2, "direct": 3,
+                 "bearer": 0, "dpop-es256": 1, "dpop-eddsa": 2}
 
 
 def cell_rows(runs, mode):
@@ -295,6 +301,193 @@ RATIO_HEADERS = ["shape", "body", "conns",
                  "p99 ÷nginx", "p99 ÷haproxy", "p99 ÷direct"]
 
 
+# ---------------------------------------------------------------- dpop mode
+
+DPOP_BASE = "bearer"
+DPOP_PEERS = ["dpop-es256", "dpop-eddsa"]
+
+
+def dpop_rows(runs):
+    """Each DPoP subject against the bearer one: ratios of medians (per-round
+    min–max) and the extra CPU µs per request."""
+    rows = []
+    by_cell = {}
+    for r in runs:
+        if r["mode"] == "dpop":
+            by_cell.setdefault((r["shape"], r["body"], r["conns"]), {}).setdefault(
+                r["subject"], {})[r["round"]] = r
+    rat = {(x["shape"], x["body"], x["conns"], x["peer"]): x
+           for x in ratios(runs, "dpop", base=DPOP_BASE, peers=DPOP_PEERS)}
+    for key in sorted(by_cell, key=lambda k: (k[0] != "origin", k[1], k[2])):
+        subj = by_cell[key]
+        if DPOP_BASE not in subj:
+            continue
+        for peer in DPOP_PEERS:
+            if peer not in subj:
+                continue
+            # ratios() divides base by peer; here the peer is the numerator.
+            def inv(f):
+                x = rat[(*key, peer)][f]
+                if not x:
+                    return "-"
+                lo, hi = x["per_round_min"], x["per_round_max"]
+                s = f"{1 / x['ratio_of_medians']:.2f}"
+                if lo is not None and lo != hi:
+                    s += f" ({1 / hi:.2f}–{1 / lo:.2f})"
+                return s
+            b = subj[DPOP_BASE]
+            d = subj[peer]
+            diffs = [d[k]["us_per_req"] - b[k]["us_per_req"] for k in d if k in b]
+            rows.append([*key, peer, inv("us_per_req"), spread(diffs, 1), inv("rps"), inv("p99_ms")])
+    return rows
+
+
+DPOP_HEADERS = ["shape", "body", "conns", "subject", "CPU µs/req ÷bearer", "extra CPU µs/req",
+                "req/s ÷bearer", "p99 ÷bearer"]
+
+
+def proofs_per_request(runs, label):
+    rs = [r for r in runs if r["mode"] == "dpop" and r["label"] == label]
+    p = sum(r["dpop_proofs"] or 0 for r in rs)
+    n = sum(r["requests"] for r in rs)
+    return f"{p / n:.3f}" if n else "-"
+
+
+# What each function of a callgrind_annotate listing is, for the sums of
+# "where the extra instructions go". First match wins.
+CATEGORIES = [
+    ("random (getrandom; ECDSA's nonce)", r"getrandom|SystemRandom|NonceRandom|SecureRandom"),
+    ("P-256 ECDSA (ring nistz256: scalar mult, field and scalar arithmetic)",
+     r"nistz256|p256|ecdsa|suite_b|LIMBS?_|affine_from_jacobian"),
+    ("Ed25519 (ring curve25519)", r"25519|^ge_|^fe_|^sc_|^table_select$"),
+    ("SHA-2 (ring)", r"sha256|sha512|digest::|BlockContext"),
+    ("base64", r"base64"),
+    ("proof claims, JSON, UTF-8 checks (dpop::proof, json_string, fmt)",
+     r"token_injector::dpop::|json_string|core::fmt|fmt::|from_utf8|write_htu"),
+    ("headers (HeaderValue, HeaderMap, h1 encode)", r"header|HeaderValue|HeaderMap|Http1Transaction"),
+    ("memcpy / memset", r"mem(cpy|move|set)|memcmp|bcmp"),
+    ("malloc / free", r"malloc|free|realloc|tcache"),
+    ("TLS record crypto (AES-GCM)", r"aesni|ghash|gcm"),
+]
+
+
+def categorise(name):
+    for cat, rx in CATEGORIES:
+        if re.search(rx, name, re.I):
+            return cat
+    return "other"
+
+
+LINE = re.compile(r"^\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.*?)(?:\s+\[[^\]]*\])?\s*$")
+
+
+def annotate_costs(path):
+    """{function: self instructions} from `callgrind_annotate --inclusive=no`."""
+    costs = {}
+    started = False
+    with open(path) as f:
+        for line in f:
+            if "file:function" in line:
+                started = True
+                continue
+            m = LINE.match(line) if started else None
+            if not m or "PROGRAM TOTALS" in line:
+                continue
+            name = re.sub(r"^(\?\?\?|\S*?\.(?:S|s|c|h|rs|cc|cpp)):", "", m.group(2))
+            costs[name] = costs.get(name, 0) + int(m.group(1).replace(",", ""))
+    return costs
+
+
+def dpop_callgrind(d):
+    path = os.path.join(d, "dpop-callgrind.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        cg = {j["subject"]: j for j in (json.loads(l) for l in f if l.strip())}
+    if not cg:
+        return []
+    out = ["", "== Instructions per request, user space (callgrind; h2load --h1 -n, origin /1k; "
+               "deterministic: compare these, not the wall clock) =="]
+    base = cg.get(DPOP_BASE)
+    rows = []
+    for s, j in sorted(cg.items(), key=lambda kv: SUBJECT_ORDER.get(kv[0], 9)):
+        rows.append([s, f"{j['requests']:,}", j["conns"], f"{j['ir_per_request']:,}",
+                     f"{j['ir_per_request'] / base['ir_per_request']:.2f}" if base else "-",
+                     f"{j['ir_per_request'] - base['ir_per_request']:+,}" if base else "-",
+                     f"{j['dpop_proofs'] / j['requests']:.3f}", j["token_requests"], j["new_upstream_conns"]])
+    out.append(table(["subject", "requests", "conns", "instructions/req", "÷bearer", "Δ vs bearer",
+                      "proofs/req", "token reqs", "new upstream conns"], rows))
+    if not base:
+        return out
+    bpath = os.path.join(d, f"callgrind-{DPOP_BASE}.txt")
+    if not os.path.exists(bpath):
+        return out
+    bc = annotate_costs(bpath)
+    for s in DPOP_PEERS:
+        p = os.path.join(d, f"callgrind-{s}.txt")
+        if s not in cg or not os.path.exists(p):
+            continue
+        n = cg[s]["requests"]
+        pc = annotate_costs(p)
+        diff = {k: (pc.get(k, 0) - bc.get(k, 0)) / n for k in set(pc) | set(bc)}
+        total = cg[s]["ir_per_request"] - base["ir_per_request"]
+        cats = {}
+        for k, v in diff.items():
+            c = categorise(k)
+            cats[c] = cats.get(c, 0) + v
+        out += ["", f"-- {s} − bearer, per request: {total:+,} instructions, by kind of function --",
+                table(["kind", "Δ instructions/req", "share of Δ"],
+                      [[c, f"{v:+,.0f}", f"{v / total:.1%}" if total else "-"]
+                       for c, v in sorted(cats.items(), key=lambda kv: -abs(kv[1])) if abs(v) >= 20])]
+        top = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:25]
+        out += ["", f"-- {s} − bearer, the 25 functions that changed most (self instructions per request) --",
+                table(["Δ/req", "function"], [[f"{v:+,.0f}", k[:140]] for k, v in top])]
+    return out
+
+
+def dpop_sign(d):
+    path = os.path.join(d, "dpop-sign.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [json.loads(l) for l in f if l.strip()]
+    wall, cpu, cg = {}, {}, {}
+    for j in lines:
+        if j["kind"] == "wall":
+            wall.setdefault(j["alg"], []).extend(j["us_per_proof"])
+            cpu.setdefault(j["alg"], []).extend(j.get("cpu_us_per_proof", []))
+        else:
+            cg[j["alg"]] = j
+    out = ["", "== One proof (examples/dpop_sign.rs: ProofKey::proof with a generated key, ring; "
+               "on the proxy's CPU; median (min–max) over rounds × repetitions; CPU = the thread's "
+               "run time from /proc/thread-self/schedstat, user + kernel) =="]
+    rows = []
+    for alg in ("ES256", "EdDSA"):
+        rows.append([alg, spread(cpu.get(alg, []), 1), spread(wall.get(alg, []), 1),
+                     f"{cg[alg]['ir_per_proof']:,}" if alg in cg else "-"])
+    out.append(table(["alg", "CPU µs per proof", "wall µs per proof",
+                      "instructions per proof (callgrind, user space)"], rows))
+    for alg in ("ES256", "EdDSA"):
+        p = os.path.join(d, f"callgrind-sign-{alg}.txt")
+        if alg not in cg or not os.path.exists(p):
+            continue
+        n = cg[alg]["proofs"]
+        costs = annotate_costs(p)
+        cats = {}
+        for k, v in costs.items():
+            c = categorise(k)
+            cats[c] = cats.get(c, 0) + v / n
+        total = cg[alg]["ir_per_proof"]
+        out += ["", f"-- {alg}: one proof, {total:,} instructions, by kind of function (callgrind) --",
+                table(["kind", "instructions/proof", "share"],
+                      [[c, f"{v:,.0f}", f"{v / total:.1%}"]
+                       for c, v in sorted(cats.items(), key=lambda kv: -kv[1]) if v >= 20])]
+        top = sorted(costs.items(), key=lambda kv: -kv[1])[:12]
+        out += [table(["instr/proof", "function"], [[f"{v / n:,.0f}", k[:140]] for k, v in top])]
+    return out
+
+
+
 def progress_line(raw):
     r = derive(json.loads(raw))
     print(f"    {r['label']:<15} {r['rps']:>9,.0f} req/s  p50 {r['p50_ms']:.2f} ms  "
@@ -372,6 +565,18 @@ def main():
         if h2_rat:
             out += ["", "== token-injector ÷ peer, HTTP/2 and gRPC ==",
                     table(RATIO_HEADERS, ratio_rows(h2_rat))]
+    if any(r["mode"] == "dpop" for r in runs):
+        rows = cell_rows(runs, "dpop")
+        for row in rows:
+            row.append(proofs_per_request(runs, row[3]) if row[3] != DPOP_BASE else "-")
+        out += ["", "== DPoP against Bearer (token-injector; subjects interleaved each round) ==",
+                table(CELL_HEADERS + ["proofs/req"], rows)]
+        out += ["", "== DPoP ÷ Bearer (ratio of medians; per-round min–max); extra CPU µs/req = "
+                    "median (min–max) of the per-round differences ==",
+                "CPU µs/req and p99: lower is better; req/s: higher is better",
+                table(DPOP_HEADERS, dpop_rows(runs))]
+    out += dpop_callgrind(d)
+    out += dpop_sign(d)
     tls = {}
     for r in runs:
         for item in r["upstream_tls"].split():
@@ -391,7 +596,8 @@ def main():
     else:
         out.append("All runs: 0 non-2xx responses, 0 socket errors.")
     toks = sum(r["token_requests"] for r in runs)
-    out.append(f"Token requests during measured runs: {toks}.")
+    if runs:
+        out.append(f"Token requests during measured runs: {toks}.")
     if cold:
         out.append(f"Cold burst: {cold['ok_200']}/{cold['requests']} requests answered 200 with "
                    f"{cold['token_requests_seen_by_endpoint']} token request(s) at the endpoint "

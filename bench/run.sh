@@ -5,6 +5,7 @@
 #   bash bench/run.sh scale      1 / 100 / 10,000 routes and profiles; 16 -> 1,024 connections
 #   bash bench/run.sh h2         HTTP/2 and unary gRPC: h2c in, HTTP/2 over TLS out (h2load; nginx grpc_pass)
 #   bash bench/run.sh profile    where each subject's CPU goes under load (perf, cpu-clock samples)
+#   bash bench/run.sh dpop       DPoP (RFC 9449) against Bearer: CPU per request, callgrind, signature cost
 #   QUICK=1 bash bench/run.sh    smoke test: 2 s runs, 1 round
 #
 # Everything runs on 127.0.0.1 from a temporary directory; every process this
@@ -38,12 +39,21 @@ Environment (defaults in brackets):
   profile mode: one run per subject (SUBJECTS, default token-injector nginx haproxy)
   at the first of SHAPES, BODIES and CONNS, DURATION s of perf samples;
   PROFILER=callgrind: token-injector only, under valgrind: instructions per request
+  dpop mode: SHAPES [origin], BODIES [1k], ROUNDS [5; QUICK: 1], CONNS ["16 128"]
+  DPOP_SUBJECTS     ["bearer dpop-es256 dpop-eddsa"]
+  DPOP_PARTS        "runs" (interleaved wrk runs), "callgrind" (instructions per
+                    request, h2load -n), "sign" (one proof: CPU, wall and callgrind)
+                    ["runs callgrind sign"]
+  DPOP_CG_REQUESTS  requests counted under callgrind, per subject [20000; QUICK: 4000]
+  DPOP_CG_WARMUP    requests before counting starts [2000; QUICK: 500]
+  DPOP_SIGN_PROOFS  proofs per timed repetition of examples/dpop_sign.rs [20000; QUICK: 5000]
+  DPOP_SIGN_BIN     use this dpop_sign example binary instead of building one
 EOF
 }
 
 MODE=${1:-compare}
 case $MODE in
-    compare | scale | h2 | profile) ;;
+    compare | scale | h2 | profile | dpop) ;;
     -h | --help | help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
 esac
@@ -52,6 +62,12 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
 
 QUICK=${QUICK:-0}
+if [[ $MODE == dpop ]]; then
+    # DPoP against Bearer: 1 KiB origin-form by default, more rounds (each
+    # is three short runs).
+    BODIES=${BODIES:-1k}; SHAPES=${SHAPES:-origin}
+    [[ $QUICK == 1 ]] || ROUNDS=${ROUNDS:-5}
+fi
 if [[ $QUICK == 1 ]]; then
     DURATION=${DURATION:-2}; WARMUP=${WARMUP:-1}; ROUNDS=${ROUNDS:-1}
     SWEEP_CONNS=${SWEEP_CONNS:-"16 1024"}
@@ -79,11 +95,22 @@ PORT_BASE=${PORT_BASE:-18400}
 KEEP_TMP=${KEEP_TMP:-0}
 PROFILER=${PROFILER:-perf}
 UPSTREAM_HOST=${UPSTREAM_HOST:-localhost}
+DPOP_SUBJECTS=${DPOP_SUBJECTS:-"bearer dpop-es256 dpop-eddsa"}
+DPOP_PARTS=${DPOP_PARTS:-"runs callgrind sign"}
+if [[ $QUICK == 1 ]]; then
+    DPOP_CG_REQUESTS=${DPOP_CG_REQUESTS:-4000}; DPOP_CG_WARMUP=${DPOP_CG_WARMUP:-500}
+    DPOP_SIGN_PROOFS=${DPOP_SIGN_PROOFS:-5000}
+else
+    DPOP_CG_REQUESTS=${DPOP_CG_REQUESTS:-20000}; DPOP_CG_WARMUP=${DPOP_CG_WARMUP:-2000}
+    DPOP_SIGN_PROOFS=${DPOP_SIGN_PROOFS:-20000}
+fi
 
 UPSTREAM_PORT=$((PORT_BASE + 43))
 TOKEN_PORT=$((PORT_BASE + 44))
 COLD_TOKEN_PORT=$((PORT_BASE + 45))
 UPSTREAM_H2_PORT=$((PORT_BASE + 46))
+UPSTREAM_DPOP_PORT=$((PORT_BASE + 47))
+DPOP_PORT_BASE=$((PORT_BASE + 60)) # dpop subject i: +10*i (+0 proxy, +1 route, +9 admin)
 TI_H2_PORT=$((PORT_BASE + 12))
 NGINX_H2_PORT=$((PORT_BASE + 21))
 HAPROXY_H2_PORT=$((PORT_BASE + 31))
@@ -123,6 +150,10 @@ ensure_packages() {
     command -v curl >/dev/null || missing+=(curl)
     command -v python3 >/dev/null || missing+=(python3)
     [[ $MODE == h2 ]] && { command -v h2load >/dev/null && command -v nghttp >/dev/null || missing+=(nghttp2-client); }
+    if [[ $MODE == dpop && " $DPOP_PARTS " == *" callgrind "* ]]; then
+        command -v valgrind >/dev/null || missing+=(valgrind)
+        command -v h2load >/dev/null || missing+=(nghttp2-client)
+    fi
     if [[ $MODE == profile ]]; then
         if [[ $PROFILER == callgrind ]]; then
             command -v valgrind >/dev/null || missing+=(valgrind)
@@ -181,6 +212,7 @@ render() { # template output
     sed -e "s|@TMP@|$TMP|g" -e "s|@TOKEN@|$TOKEN|g" \
         -e "s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" -e "s|@UPSTREAM_HOST@|$UPSTREAM_HOST|g" -e "s|@TOKEN_PORT@|$TOKEN_PORT|g" \
         -e "s|@UPSTREAM_H2_PORT@|$UPSTREAM_H2_PORT|g" -e "s|@TI_H2_PORT@|$TI_H2_PORT|g" \
+        -e "s|@UPSTREAM_DPOP_PORT@|$UPSTREAM_DPOP_PORT|g" \
         -e "s|@NGINX_H2_PORT@|$NGINX_H2_PORT|g" -e "s|@HAPROXY_H2_PORT@|$HAPROXY_H2_PORT|g" \
         -e "s|@NGINX_PORT@|$NGINX_PORT|g" -e "s|@HAPROXY_PORT@|$HAPROXY_PORT|g" \
         -e "s|@TI_PROXY_PORT@|$TI_PROXY_PORT|g" -e "s|@TI_ROUTE_PORT@|$TI_ROUTE_PORT|g" \
@@ -210,15 +242,41 @@ start_upstream() {
         "https://localhost:$UPSTREAM_H2_PORT/1k"
     expect_code 200 "token endpoint" --cacert "$TMP/ca.pem" -d grant_type=client_credentials \
         "https://localhost:$TOKEN_PORT/token"
+    if [[ $MODE == dpop ]]; then check_dpop_upstream; fi
     : >"$TMP/token.log"
     : >"$TMP/upstream-conn.log"
     log "upstream nginx https://localhost:$UPSTREAM_PORT, token endpoint https://localhost:$TOKEN_PORT/token (CPU $LOAD_CPU)"
+}
+
+# The DPoP upstream's guard and the token endpoint's answer to a DPoP token
+# request (a proof is only checked for its shape there; see upstream-nginx.conf).
+check_dpop_upstream() {
+    local u=https://localhost:$UPSTREAM_DPOP_PORT/1k fake=eyJhIjoxfQ.eyJiIjoyfQ.c2ln got
+    expect_code 200 "DPoP upstream with the bearer token" --cacert "$TMP/ca.pem" -H "Authorization: Bearer $TOKEN" "$u"
+    expect_code 200 "DPoP upstream with a DPoP token and a proof" --cacert "$TMP/ca.pem" \
+        -H "Authorization: DPoP $TOKEN" -H "DPoP: $fake" "$u"
+    expect_code 401 "DPoP upstream without a token" --cacert "$TMP/ca.pem" "$u"
+    expect_code 401 "DPoP upstream with a DPoP token and no proof" --cacert "$TMP/ca.pem" \
+        -H "Authorization: DPoP $TOKEN" "$u"
+    expect_code 401 "DPoP upstream with a wrong DPoP token" --cacert "$TMP/ca.pem" \
+        -H "Authorization: DPoP x$TOKEN" -H "DPoP: $fake" "$u"
+    expect_code 401 "DPoP upstream with the bearer token and a proof" --cacert "$TMP/ca.pem" \
+        -H "Authorization: Bearer $TOKEN" -H "DPoP: $fake" "$u"
+    got=$(curl -s --max-time 10 --cacert "$TMP/ca.pem" -H "DPoP: $fake" -d grant_type=client_credentials \
+        "https://localhost:$TOKEN_PORT/token")
+    [[ $got == *'"token_type":"DPoP"'* ]] || die "token endpoint: no DPoP token for a DPoP token request: $got"
+    got=$(curl -s --max-time 10 --cacert "$TMP/ca.pem" -d grant_type=client_credentials \
+        "https://localhost:$TOKEN_PORT/token")
+    [[ $got == *'"token_type":"Bearer"'* ]] || die "token endpoint: no Bearer token for a plain token request: $got"
+    log "DPoP upstream https://localhost:$UPSTREAM_DPOP_PORT accepts Bearer, or DPoP with a proof; the token endpoint answers a proof with token_type DPoP"
 }
 
 # Subjects. For each: SUBJ_PIDS[name] = processes whose CPU time is counted,
 # SUBJ_MAIN[name] = the serving process (RSS, threads), SUBJ_ORIGIN[name] and
 # SUBJ_PROXY[name] = where wrk sends origin-form and absolute-form requests.
 declare -A SUBJ_PIDS SUBJ_MAIN SUBJ_ORIGIN SUBJ_PROXY SUBJ_IDLE_RSS SUBJ_IDLE_THREADS SUBJ_READY_S
+# dpop mode: SUBJ_ADMIN[name] = the admin listener, for token_injector_dpop_proofs_total.
+declare -A SUBJ_ADMIN
 
 # Ready = /readyz lists every expected profile, each with a valid token. (Not
 # just HTTP 200: a /readyz answered while the profiles are still being set up
@@ -479,7 +537,9 @@ measure() { # mode round shape body conns subject [label]
         warm_new=$(($(lines "$TMP/upstream-conn.log") - warm_conn0))
     fi
 
-    local hwm_reset=false cpu0=0 cpu1=0 tok0 tok1 conn0 conn1 out json
+    local hwm_reset=false cpu0=0 cpu1=0 tok0 tok1 conn0 conn1 out json proofs0 proofs=null
+    local admin=${SUBJ_ADMIN[$label]:-}
+    [[ -n $admin ]] && proofs0=$(dpop_proofs "$admin")
     if [[ -n $main ]] && reset_hwm "$main"; then hwm_reset=true; fi
     tok0=$(lines "$TMP/token.log")
     conn0=$(lines "$TMP/upstream-conn.log")
@@ -487,6 +547,7 @@ measure() { # mode round shape body conns subject [label]
     run_load "$DURATION" "$conns" "$url" "$shape" "$body" "$auth" || die "load: $(load_output)"
     out=$(load_output)
     ((${#pids[@]})) && cpu1=$(cpu_ticks "${pids[@]}")
+    [[ -n $admin ]] && proofs=$(($(dpop_proofs "$admin") - proofs0))
     conn1=$(lines "$TMP/upstream-conn.log")
     tok1=$(lines "$TMP/token.log")
     json=$(load_json) || die "reading the load generator's figures"
@@ -506,10 +567,10 @@ measure() { # mode round shape body conns subject [label]
         idle_rss=${SUBJ_IDLE_RSS[$label]:-null}
         idle_threads=${SUBJ_IDLE_THREADS[$label]:-null}
     fi
-    printf '{"mode":"%s","round":%d,"shape":"%s","body":"%s","conns":%d,"subject":"%s","label":"%s","duration_s":%d,"cpu_ticks":%d,"clk_tck":%d,"peak_rss_kib":%s,"rss_after_kib":%s,"hwm_reset":%s,"idle_rss_kib":%s,"threads_idle":%s,"threads_after":%s,"new_upstream_conns":%d,"warmup_new_upstream_conns":%d,"token_requests":%d,"pool_before":%s,"pool_after":%s,"upstream_tls":%s,"wrk":%s}\n' \
+    printf '{"mode":"%s","round":%d,"shape":"%s","body":"%s","conns":%d,"subject":"%s","label":"%s","duration_s":%d,"cpu_ticks":%d,"clk_tck":%d,"peak_rss_kib":%s,"rss_after_kib":%s,"hwm_reset":%s,"idle_rss_kib":%s,"threads_idle":%s,"threads_after":%s,"new_upstream_conns":%d,"warmup_new_upstream_conns":%d,"token_requests":%d,"pool_before":%s,"pool_after":%s,"dpop_proofs":%s,"upstream_tls":%s,"wrk":%s}\n' \
         "$mode" "$round" "$shape" "$body" "$conns" "$subject" "$label" "$DURATION" \
         $((cpu1 - cpu0)) "$CLK_TCK" "$hwm" "$rss" "$hwm_reset" "$idle_rss" "$idle_threads" \
-        "$threads" $((conn1 - conn0)) "$warm_new" $((tok1 - tok0)) "$pool_before" "$pool_after" "$tls" "$json" >>"$RAW"
+        "$threads" $((conn1 - conn0)) "$warm_new" $((tok1 - tok0)) "$pool_before" "$pool_after" "$proofs" "$tls" "$json" >>"$RAW"
     python3 "$BENCH_DIR/report.py" --line "$(tail -n1 "$RAW")" >&2
 }
 
@@ -791,6 +852,234 @@ profile_callgrind() {
     } | tee -a "$RESULTS/table.txt"
 }
 
+# ------------------------------------------------------------------ dpop mode
+
+# token_injector_dpop_proofs_total of one instance, summed over profiles (0
+# for a profile without DPoP: no such series).
+dpop_proofs() { # admin-url
+    curl -sf --max-time 10 "$1/metrics" |
+        awk '/^token_injector_dpop_proofs_total/ { s += $NF } END { printf "%d\n", s }' ||
+        die "reading $1/metrics"
+}
+
+dpop_ports() { # subject -> "proxy-port route-port admin-port"
+    local i=0 s
+    for s in bearer dpop-es256 dpop-eddsa; do
+        [[ $s == "$1" ]] && break
+        i=$((i + 1))
+    done
+    local base=$((DPOP_PORT_BASE + 10 * i))
+    echo "$base $((base + 1)) $((base + 9))"
+}
+
+# The subject's config: conf/token-injector-dpop.toml with its own ports and
+# its profile's DPoP lines. Everything else is the same for all three.
+dpop_config() { # subject -> writes $TMP/<subject>.toml
+    local subj=$1 lines proxy route admin
+    read -r proxy route admin <<<"$(dpop_ports "$subj")"
+    case $subj in
+        bearer) lines='# Bearer: no DPoP' ;;
+        dpop-es256) lines='dpop = true                 # a generated EC P-256 key, ES256 (the default dpop_alg)' ;;
+        dpop-eddsa) lines='dpop = true\ndpop_alg = "EdDSA"          # a generated Ed25519 key' ;;
+    esac
+    sed -e "s|@DPOP_LINES@|$lines|" -e "s|@SUBJ_PROXY_PORT@|$proxy|g" -e "s|@SUBJ_ROUTE_PORT@|$route|g" \
+        -e "s|@SUBJ_ADMIN_PORT@|$admin|g" "$BENCH_DIR/conf/token-injector-dpop.toml" >"$TMP/$subj.toml.in"
+    render "$TMP/$subj.toml.in" "$TMP/$subj.toml"
+    "$TI_BIN" check --config "$TMP/$subj.toml" >/dev/null || die "token-injector check $subj"
+}
+
+start_dpop_subject() { # subject
+    local subj=$1 proxy route admin
+    read -r proxy route admin <<<"$(dpop_ports "$subj")"
+    dpop_config "$subj"
+    start_token_injector "$subj" "$TMP/$subj.toml" "$route" "$proxy" "$admin" 1
+    SUBJ_ADMIN[$subj]=http://127.0.0.1:$admin
+    verify_subject "$subj"
+    verify_dpop_proof "$subj"
+    record_idle "$subj"
+}
+
+# What the upstream received: no DPoP header from the bearer subject; from
+# the others a proof whose header names the algorithm and carries the public
+# key, and whose claims are this request's (htm, htu), the token's ath, a
+# fresh jti and a current iat. (The signature is verified by the unit tests
+# of src/dpop.rs, not here.)
+verify_dpop_proof() { # subject
+    local subj=$1 url=${SUBJ_ORIGIN[$1]}/dpop-proof a b want_alg=none
+    a=$(curl -sf --max-time 10 "$url") || [[ $subj == bearer ]] || die "$subj: GET /dpop-proof failed"
+    b=$(curl -sf --max-time 10 "$url") || true
+    case $subj in dpop-es256) want_alg=ES256 ;; dpop-eddsa) want_alg=EdDSA ;; esac
+    python3 - "$subj" "$want_alg" "$TOKEN" "https://$UPSTREAM_HOST:$UPSTREAM_DPOP_PORT/dpop-proof" "$a" "$b" <<'EOF' ||
+import base64, hashlib, json, sys, time
+subj, want_alg, token, htu, a, b = sys.argv[1:]
+if want_alg == "none":
+    sys.exit(f"{subj}: the upstream got a DPoP header: {a[:60]}" if a else 0)
+def part(p):
+    return json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))
+def check(proof):
+    h, p, s = proof.split(".")
+    h, p = part(h), part(p)
+    assert h["typ"] == "dpop+jwt" and h["alg"] == want_alg, h
+    assert h["jwk"]["kty"] == {"ES256": "EC", "EdDSA": "OKP"}[want_alg] and "d" not in h["jwk"], h
+    ath = base64.urlsafe_b64encode(hashlib.sha256(token.encode()).digest()).rstrip(b"=").decode()
+    assert p["htm"] == "GET" and p["htu"] == htu and p["ath"] == ath, p
+    assert abs(p["iat"] - time.time()) < 60 and len(p["jti"]) >= 16, p
+    return p["jti"]
+try:
+    assert check(a) != check(b), "the same jti twice"
+except Exception as e:
+    sys.exit(f"{subj}: proof check failed: {e!r}")
+EOF
+        die "$subj: wrong DPoP proof at the upstream"
+    local proofs
+    proofs=$(dpop_proofs "${SUBJ_ADMIN[$subj]}")
+    if [[ $subj == bearer ]]; then
+        ((proofs == 0)) || die "$subj: $proofs DPoP proofs signed"
+        log "$subj: the upstream got Authorization: Bearer and no DPoP header"
+    else
+        ((proofs > 0)) || die "$subj: no DPoP proofs counted"
+        log "$subj: the upstream got Authorization: DPoP and a $want_alg proof (htm, htu, ath, jti, iat checked); $proofs proofs signed so far"
+    fi
+}
+
+mode_dpop() {
+    local subj
+    POOL_PORT=$UPSTREAM_DPOP_PORT
+    if [[ " $DPOP_PARTS " == *" runs "* ]]; then
+        for subj in $DPOP_SUBJECTS; do start_dpop_subject "$subj"; done
+        log "token requests at start-up: $(lines "$TMP/token.log") (one per subject)"
+        write_meta
+        start_busy
+        local round shape body conns runs=0 total
+        total=$((ROUNDS * $(wc -w <<<"$SHAPES") * $(wc -w <<<"$BODIES") * $(wc -w <<<"$CONNS") * $(wc -w <<<"$DPOP_SUBJECTS")))
+        log "$total runs of ${WARMUP}+${DURATION} s, subjects interleaved"
+        for ((round = 1; round <= ROUNDS; round++)); do
+            for shape in $SHAPES; do
+                for body in $BODIES; do
+                    for conns in $CONNS; do
+                        for subj in $(rotate "$round" $DPOP_SUBJECTS); do
+                            runs=$((runs + 1))
+                            log "[$runs/$total] round $round $shape /$body c=$conns $subj"
+                            measure dpop "$round" "$shape" "$body" "$conns" "$subj"
+                        done
+                    done
+                done
+            done
+        done
+        stop_busy
+        BUSY_PIDS=()
+        for subj in $DPOP_SUBJECTS; do
+            stop_pid "${SUBJ_PIDS[$subj]}"
+            untrack "${SUBJ_PIDS[$subj]}"
+        done
+    else
+        write_meta
+    fi
+    if [[ " $DPOP_PARTS " == *" callgrind "* ]]; then dpop_callgrind; fi
+    if [[ " $DPOP_PARTS " == *" sign "* ]]; then dpop_sign; fi
+}
+
+# Instructions per request in each subject's process (user space), for the
+# same number of requests: h2load --h1 -n (HTTP/1.1, keep-alive, one request
+# at a time per connection) at the first of CONNS, origin-form /1k, after
+# DPOP_CG_WARMUP requests. Writes callgrind-<subject>.out,
+# callgrind-<subject>.txt (self cost by function) and a line per subject in
+# dpop-callgrind.jsonl; report.py compares them.
+dpop_callgrind() {
+    command -v valgrind >/dev/null && command -v h2load >/dev/null || die "valgrind or h2load is missing"
+    local conns subj proxy route admin pid ir p0 p1 t0 t1 c0 c1 out
+    read -r conns _ <<<"$CONNS"
+    : >"$RESULTS/dpop-callgrind.jsonl"
+    for subj in $DPOP_SUBJECTS; do
+        read -r proxy route admin <<<"$(dpop_ports "$subj")"
+        [[ -s $TMP/$subj.toml ]] || dpop_config "$subj"
+        log "callgrind: $subj, $DPOP_CG_WARMUP + $DPOP_CG_REQUESTS requests (h2load --h1, $conns connections)"
+        TOKEN_INJECTOR_WORKERS=1 RUST_LOG=warn taskset -c "$PROXY_CPU" \
+            valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$RESULTS/callgrind-$subj.out" \
+            "$TI_BIN" run --config "$TMP/$subj.toml" >"$TMP/logs/callgrind-$subj.log" 2>&1 &
+        pid=$!
+        track "$pid"
+        wait_ti_ready "$admin" 1 120 || die "$subj under valgrind: not ready (see $TMP/logs/callgrind-$subj.log)"
+        run_h2load_n "$DPOP_CG_WARMUP" "$conns" "http://127.0.0.1:$route/1k" || die "warm-up: $(cat "$TMP/h2load.out")"
+        p0=$(dpop_proofs "http://127.0.0.1:$admin")
+        t0=$(lines "$TMP/token.log")
+        c0=$(lines "$TMP/upstream-conn.log")
+        callgrind_control -i on "$pid" >/dev/null 2>&1 || die "callgrind_control"
+        run_h2load_n "$DPOP_CG_REQUESTS" "$conns" "http://127.0.0.1:$route/1k" || die "load: $(cat "$TMP/h2load.out")"
+        callgrind_control -i off "$pid" >/dev/null 2>&1 || die "callgrind_control"
+        p1=$(dpop_proofs "http://127.0.0.1:$admin")
+        t1=$(lines "$TMP/token.log")
+        c1=$(lines "$TMP/upstream-conn.log")
+        kill -TERM "$pid" 2>/dev/null || true
+        wait_until 60 "$subj under valgrind to exit" bash -c '! kill -0 "$1" 2>/dev/null' _ "$pid"
+        stop_pid "$pid"
+        untrack "$pid"
+        callgrind_annotate --inclusive=no --threshold=100 "$RESULTS/callgrind-$subj.out" \
+            >"$RESULTS/callgrind-$subj.txt" 2>/dev/null || die "callgrind_annotate"
+        ir=$(awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }' "$RESULTS/callgrind-$subj.txt")
+        [[ $ir =~ ^[0-9]+$ ]] || die "$subj: no instruction count"
+        out=$(printf '{"subject":"%s","requests":%d,"conns":%d,"ir":%d,"ir_per_request":%d,"dpop_proofs":%d,"token_requests":%d,"new_upstream_conns":%d}' \
+            "$subj" "$DPOP_CG_REQUESTS" "$conns" "$ir" $((ir / DPOP_CG_REQUESTS)) $((p1 - p0)) $((t1 - t0)) $((c1 - c0)))
+        echo "$out" >>"$RESULTS/dpop-callgrind.jsonl"
+        log "callgrind: $out"
+    done
+}
+
+run_h2load_n() { # requests conns url -> h2load output in $TMP/h2load.out; fails unless all got 2xx
+    local n=$1
+    run_waiting "$TMP/h2load.out" taskset -c "$LOAD_CPU" h2load --h1 -n "$n" -c "$2" -t 1 "$3" || return 1
+    grep -q "requests: $n total, $n started, $n done, $n succeeded" "$TMP/h2load.out" &&
+        grep -q "status codes: $n 2xx" "$TMP/h2load.out"
+}
+
+# One proof alone (examples/dpop_sign.rs, ring): wall-clock µs per proof on
+# PROXY_CPU (ROUNDS rounds, the algorithms interleaved, 3 repetitions of
+# DPOP_SIGN_PROOFS each, busy loops on), instructions per proof under
+# callgrind (user space, deterministic), and where a proof's native CPU goes
+# (perf, when installed). Lines in dpop-sign.jsonl.
+dpop_sign() {
+    local bin=${DPOP_SIGN_BIN:-} alg round out n=2000
+    if [[ -z $bin ]]; then
+        log "building examples/dpop_sign.rs (cargo build --release --locked --example dpop_sign)"
+        run_waiting - bash -c 'cd "$1" && exec cargo build --release --locked --quiet --example dpop_sign' _ "$ROOT" ||
+            die "cargo build --example dpop_sign"
+        bin=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/dpop_sign
+    fi
+    [[ -x $bin ]] || die "no dpop_sign binary at $bin"
+    : >"$RESULTS/dpop-sign.jsonl"
+    start_busy
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for alg in $(rotate "$round" ES256 EdDSA); do
+            out=$(taskset -c "$PROXY_CPU" "$bin" "$alg" "$DPOP_SIGN_PROOFS" 3) || die "dpop_sign $alg"
+            log "sign, round $round: $out"
+            echo "{\"kind\":\"wall\",\"round\":$round,${out#\{}" >>"$RESULTS/dpop-sign.jsonl"
+        done
+    done
+    stop_busy
+    BUSY_PIDS=()
+    for alg in ES256 EdDSA; do
+        valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*sign_n*' \
+            --callgrind-out-file="$RESULTS/callgrind-sign-$alg.out" "$bin" "$alg" "$n" 1 \
+            >/dev/null 2>"$TMP/logs/callgrind-sign-$alg.log" || die "dpop_sign $alg under callgrind"
+        callgrind_annotate --inclusive=no --threshold=100 "$RESULTS/callgrind-sign-$alg.out" \
+            >"$RESULTS/callgrind-sign-$alg.txt" 2>/dev/null || die "callgrind_annotate"
+        local ir
+        ir=$(awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }' "$RESULTS/callgrind-sign-$alg.txt")
+        [[ $ir =~ ^[0-9]+$ ]] || die "no instruction count for dpop_sign $alg"
+        out="{\"kind\":\"callgrind\",\"alg\":\"$alg\",\"proofs\":$n,\"ir\":$ir,\"ir_per_proof\":$((ir / n))}"
+        log "sign: $out"
+        echo "$out" >>"$RESULTS/dpop-sign.jsonl"
+        if command -v perf >/dev/null; then
+            # Native: callgrind's CPUID hides ADX and SHA-NI, so ring takes
+            # other code paths there than on this CPU.
+            taskset -c "$PROXY_CPU" perf record -q -e cpu-clock -F 4999 -o "$RESULTS/perf-sign-$alg.data" -- \
+                "$bin" "$alg" "$DPOP_SIGN_PROOFS" 1 >/dev/null 2>"$TMP/logs/perf-sign-$alg.log" || die "perf record dpop_sign"
+            perf report -q --stdio -i "$RESULTS/perf-sign-$alg.data" --no-children --sort dso,sym \
+                --percent-limit 0.5 >"$RESULTS/perf-sign-$alg.txt" 2>/dev/null || die "perf report"
+        fi
+    done
+}
+
 validate_settings() {
     local v b
     for v in DURATION WARMUP ROUNDS SCALE_CONNS PROXY_CPU LOAD_CPU PORT_BASE; do
@@ -803,6 +1092,13 @@ validate_settings() {
         [[ $b =~ ^(token-injector|nginx|haproxy|direct)$ ]] || die "SUBJECTS: unknown subject $b"
     done
     for b in $H2_SCENARIOS; do [[ $b == h2 || $b == grpc ]] || die "H2_SCENARIOS: unknown scenario $b (h2, grpc)"; done
+    for b in $DPOP_SUBJECTS; do
+        [[ $b =~ ^(bearer|dpop-es256|dpop-eddsa)$ ]] || die "DPOP_SUBJECTS: unknown subject $b (bearer, dpop-es256, dpop-eddsa)"
+    done
+    for b in $DPOP_PARTS; do [[ $b =~ ^(runs|callgrind|sign)$ ]] || die "DPOP_PARTS: unknown part $b (runs, callgrind, sign)"; done
+    for v in DPOP_CG_REQUESTS DPOP_CG_WARMUP DPOP_SIGN_PROOFS; do
+        [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v=${!v}: expected a positive whole number"
+    done
     for b in $CONNS $SWEEP_CONNS $SCALE_COUNTS $H2_CLIENTS $H2_STREAMS; do
         [[ $b =~ ^[0-9]+$ && $b -gt 0 ]] || die "not a positive count: $b"
     done
@@ -816,7 +1112,11 @@ main() {
     ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
     check_ports "$UPSTREAM_PORT" "$TOKEN_PORT" "$COLD_TOKEN_PORT" "$TI_PROXY_PORT" "$TI_ROUTE_PORT" \
         "$TI_ADMIN_PORT" "$NGINX_PORT" "$HAPROXY_PORT" "$COLD_PROXY_PORT" "$COLD_ROUTE_PORT" "$COLD_ADMIN_PORT" \
-        "$UPSTREAM_H2_PORT" "$TI_H2_PORT" "$NGINX_H2_PORT" "$HAPROXY_H2_PORT"
+        "$UPSTREAM_H2_PORT" "$TI_H2_PORT" "$NGINX_H2_PORT" "$HAPROXY_H2_PORT" "$UPSTREAM_DPOP_PORT"
+    if [[ $MODE == dpop ]]; then
+        local s
+        for s in bearer dpop-es256 dpop-eddsa; do check_ports $(dpop_ports "$s"); done
+    fi
     build
     make_fixtures
     mkdir -p "$RESULTS"
@@ -825,6 +1125,11 @@ main() {
     start_upstream
     "mode_$MODE"
     if [[ $MODE == profile ]]; then
+        log "results in ${RESULTS#"$ROOT"/}"
+        return
+    fi
+    if [[ $MODE == dpop ]]; then
+        python3 "$BENCH_DIR/report.py" "$RESULTS" | tee "$RESULTS/table.txt"
         log "results in ${RESULTS#"$ROOT"/}"
         return
     fi

@@ -224,6 +224,12 @@ pub fn write_htu(out: &mut String, scheme: &str, host: &str, port: Option<u16>, 
 /// Appends `s` as a JSON string literal.
 fn json_string(out: &mut String, s: &str) {
     out.push('"');
+    // The usual case (methods, URLs, base64url, nonces): nothing to escape.
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
