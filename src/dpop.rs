@@ -432,7 +432,7 @@ impl Server {
     pub fn learn_skew(&self, date: Option<&[u8]>, who: &str) -> bool {
         let Some(at) = date
             .and_then(|d| std::str::from_utf8(d).ok())
-            .and_then(crate::token::client::parse_imf_fixdate)
+            .and_then(|d| httpdate::parse_http_date(d).ok())
         else {
             return false;
         };
