@@ -123,6 +123,18 @@ impl SigningKey {
         })
     }
 
+    /// Parses a PEM key held in memory (`shown` names where it came from,
+    /// for errors: a file and a field, never the key).
+    pub fn from_pem(pem: &[u8], shown: &str) -> Result<Self, KeyError> {
+        let der = PrivateKeyDer::from_pem_slice(pem).map_err(|_| KeyError::NoKey {
+            path: shown.to_owned(),
+        })?;
+        Self::from_der(&der).map_err(|reason| KeyError::Unsupported {
+            path: shown.to_owned(),
+            reason,
+        })
+    }
+
     fn from_der(der: &PrivateKeyDer<'_>) -> Result<Self, String> {
         match der {
             PrivateKeyDer::Pkcs1(k) => RsaKeyPair::from_der(k.secret_pkcs1_der())

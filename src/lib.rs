@@ -9,6 +9,7 @@
 //! - [`config`]: TOML + environment → validated, typed [`config::Config`];
 //! - [`secret`]: secret values that never print, and where they come from;
 //! - [`keys`]: PEM private keys and the JWS algorithms that fit them;
+//! - [`google`]: Google Cloud credential files (service account keys);
 //! - [`token`]: per-profile credential sources, stores and renewal tasks;
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` on their own listener;
 //! - [`metrics`]: the registry and its per-subsystem metrics;
@@ -29,6 +30,7 @@ pub mod config;
 pub mod demo;
 pub mod dpop;
 pub mod errors;
+pub mod google;
 pub mod head;
 pub mod keys;
 pub mod metrics;

@@ -102,53 +102,81 @@ impl Profiles {
                 Settings::Grant(Box::new((p.clone(), config.tokens.clone(), cache)))
             })
             .chain(config.statics_in_use().cloned().map(Settings::Static));
-        for settings in wanted {
-            let name = match &settings {
-                Settings::Grant(g) => g.0.name.clone(),
-                Settings::Static(s) => s.name.clone(),
-            };
-            let kept = self.running.get(&name).filter(|p| p.settings == settings);
-            let store = match kept {
-                Some(p) => Arc::clone(&p.store),
-                None => {
-                    let store = Arc::new(
-                        Store::new(&name, config.tokens.unauthorized_refresh_interval)
-                            .with_coalesced_counter(metrics.profile(&name).coalesced),
-                    );
-                    let obtain = match &settings {
-                        Settings::Grant(g) => {
-                            let mut client =
-                                Client::new(&g.0, &mut http, policy.default_lifetime())?;
-                            if let Some(d) = &g.0.dpop {
-                                let key = crate::dpop::ProfileKey::new(
-                                    &name,
-                                    d.key_file.as_deref(),
-                                    d.alg,
-                                )
-                                .map_err(|e| Error::Dpop(name.clone(), e))?;
-                                client = client.with_dpop(Arc::new(key), metrics.dpop(&name));
-                            }
-                            let client = Arc::new(client);
-                            match (&g.2, &backend) {
-                                (Some(_), Some((_, b))) => {
-                                    Obtain::Shared(Arc::new(cache::Shared::new(
-                                        client,
-                                        Arc::clone(b),
-                                        &g.0,
-                                        config.tokens.request_timeout,
-                                        policy.clone(),
-                                    )))
-                                }
-                                _ => Obtain::Grant(client),
-                            }
-                        }
-                        Settings::Static(s) => Obtain::Static(s.credential_file.clone()),
-                    };
-                    start.push((name.clone(), settings, Arc::clone(&store), obtain));
-                    store
+        // Which profiles keep their store, and which (re)start.
+        let mut plan: Vec<(String, Settings, bool)> = wanted
+            .map(|settings| {
+                let name = match &settings {
+                    Settings::Grant(g) => g.0.name.clone(),
+                    Settings::Static(s) => s.name.clone(),
+                };
+                let kept = self
+                    .running
+                    .get(&name)
+                    .is_some_and(|p| p.settings == settings);
+                (name, settings, kept)
+            })
+            .collect();
+        // A chain holds its subject's store: when the subject restarts,
+        // so does every profile that exchanges its token.
+        loop {
+            let restarting: Vec<String> =
+                plan.iter().filter(|p| !p.2).map(|p| p.0.clone()).collect();
+            let mut changed = false;
+            for (name, _, kept) in &mut plan {
+                if *kept
+                    && config
+                        .subject_of(name)
+                        .is_some_and(|s| restarting.iter().any(|r| r == s))
+                {
+                    *kept = false;
+                    changed = true;
                 }
+            }
+            if !changed {
+                break;
+            }
+        }
+        for (name, _, kept) in &plan {
+            let store = match self.running.get(name).filter(|_| *kept) {
+                Some(p) => Arc::clone(&p.store),
+                None => Arc::new(
+                    Store::new(name, config.tokens.unauthorized_refresh_interval)
+                        .with_coalesced_counter(metrics.profile(name).coalesced),
+                ),
             };
-            stores.insert(name, store);
+            stores.insert(name.clone(), store);
+        }
+        for (name, settings, kept) in plan {
+            if kept {
+                continue;
+            }
+            let store = Arc::clone(&stores[&name]);
+            let obtain = match &settings {
+                Settings::Grant(g) => {
+                    let mut client = Client::new(&g.0, &mut http, policy.default_lifetime())?;
+                    if let Some(d) = &g.0.dpop {
+                        let key = crate::dpop::ProfileKey::new(&name, d.key_file.as_deref(), d.alg)
+                            .map_err(|e| Error::Dpop(name.clone(), e))?;
+                        client = client.with_dpop(Arc::new(key), metrics.dpop(&name));
+                    }
+                    if let Some(subject) = config.subject_of(&name).and_then(|s| stores.get(s)) {
+                        client = client.with_subject(Arc::clone(subject));
+                    }
+                    let client = Arc::new(client);
+                    match (&g.2, &backend) {
+                        (Some(_), Some((_, b))) => Obtain::Shared(Arc::new(cache::Shared::new(
+                            client,
+                            Arc::clone(b),
+                            &g.0,
+                            config.tokens.request_timeout,
+                            policy.clone(),
+                        ))),
+                        _ => Obtain::Grant(client),
+                    }
+                }
+                Settings::Static(s) => Obtain::Static(s.credential_file.clone()),
+            };
+            start.push((name, settings, store, obtain));
         }
         Ok(Prepared {
             policy,

@@ -158,6 +158,7 @@ fn identity(p: &Profile) -> String {
         ClientAuth::PrivateKeyJwt { .. } => "private_key_jwt",
         ClientAuth::ClientAssertion(_) => "client_assertion",
         ClientAuth::TlsClientAuth { .. } => "tls_client_auth",
+        ClientAuth::None => "none",
     };
     let mut scopes = p.scopes.clone();
     scopes.sort();
@@ -174,7 +175,7 @@ fn identity(p: &Profile) -> String {
         .map(|(n, v)| (n.as_str(), v.as_bytes()))
         .collect();
     headers.sort();
-    serde_json::json!([
+    let mut id = serde_json::json!([
         "v1",
         endpoint,
         p.client_id,
@@ -184,8 +185,16 @@ fn identity(p: &Profile) -> String {
         resources,
         extra,
         headers
-    ])
-    .to_string()
+    ]);
+    // Another grant gets another token for the same client: its settings
+    // (files by path, issuer, subject, token types; never a secret) are
+    // part of the name. Client credentials keep the names they had.
+    if p.grant != crate::config::Grant::ClientCredentials
+        && let Some(a) = id.as_array_mut()
+    {
+        a.push(format!("{:?}", p.grant).into());
+    }
+    id.to_string()
 }
 
 #[cfg(test)]

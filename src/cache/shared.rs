@@ -313,6 +313,14 @@ impl<S: Source> Shared<S> {
 }
 
 impl<S: Source> Source for Shared<S> {
+    fn dpop_key(&self) -> Option<Arc<crate::dpop::ProofKey>> {
+        self.inner.dpop_key()
+    }
+
+    fn renew_early(&self) -> impl std::future::Future<Output = ()> + Send {
+        self.inner.renew_early()
+    }
+
     async fn fetch(&self, attempt: Attempt) -> Result<Parsed, FetchError> {
         let b = &self.backend;
         let n = &*self.names();

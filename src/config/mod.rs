@@ -26,9 +26,9 @@ use std::path::Path;
 pub use error::{Error, Problem};
 pub use load::ENV_PREFIX;
 pub use types::{
-    Admin, BasicEncoding, Cache, CacheMode, ClientAuth, ClientCert, Config, Dpop, Endpoint, GRANTS,
-    METHODS, Profile, Proxy, RedisTarget, Route, Static, Tokens, Unmatched, Upstream,
-    UpstreamProtocol, UpstreamTarget,
+    Admin, Assertion, BasicEncoding, Cache, CacheMode, ClientAuth, ClientCert, Config, Dpop,
+    Endpoint, Exchange, GRANTS, Grant, METHODS, Profile, Proxy, RedisTarget, Route, Static,
+    Subject, Tokens, Unmatched, Upstream, UpstreamProtocol, UpstreamTarget,
 };
 
 /// Loads `path` with overrides from the process environment.

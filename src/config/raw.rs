@@ -89,7 +89,7 @@ pub struct RawUpstream {
     pub max_header_bytes: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProfile {
     pub grant: Option<String>,
@@ -98,6 +98,16 @@ pub struct RawProfile {
     pub dpop: Option<bool>,
     pub dpop_key_file: Option<String>,
     pub dpop_alg: Option<String>,
+    pub google_credentials_file: Option<String>,
+    pub assertion_issuer: Option<String>,
+    pub assertion_subject: Option<String>,
+    pub assertion_file: Option<String>,
+    pub subject_token_file: Option<String>,
+    pub subject_profile: Option<String>,
+    pub subject_token_type: Option<String>,
+    pub actor_token_file: Option<String>,
+    pub actor_token_type: Option<String>,
+    pub requested_token_type: Option<String>,
     pub token_url: Option<String>,
     pub issuer: Option<String>,
     pub client_id: Option<String>,

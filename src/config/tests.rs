@@ -1198,3 +1198,229 @@ fn problems_in(dir: &tempfile::TempDir, text: &str) -> Vec<String> {
         Err(e) => e.lines(),
     }
 }
+
+/// A config with one profile `p` (its keys `keys`) and a route to it.
+fn grant_config(keys: &str) -> String {
+    format!("[profiles.p]\n{keys}\n\n[[routes]]\nhost = \"api.example.com\"\nprofile = \"p\"\n")
+}
+
+#[test]
+fn jwt_bearer_grants_are_checked_and_typed() {
+    let dir = dir_with_secret();
+    write_key(&dir, "ec.pem", &rcgen::PKCS_ECDSA_P256_SHA256);
+    std::fs::write(dir.path().join("assertion"), "a.b.c\n").unwrap();
+    let c = load(
+        &grant_config(
+            "grant = \"jwt_bearer\"\ntoken_url = \"https://idp.test/token\"\nclient_id = \"svc\"\nprivate_key_file = \"ec.pem\"\nkey_id = \"k1\"\nassertion_subject = \"user-7\"\nscopes = [\"a\"]",
+        ),
+        &dir,
+    )
+    .unwrap();
+    let p = &c.profiles["p"];
+    assert_eq!(
+        p.auth,
+        ClientAuth::None,
+        "no secret: no client authentication"
+    );
+    match &p.grant {
+        Grant::JwtBearer(Assertion::Signed {
+            issuer,
+            subject,
+            key_id,
+            audience,
+            ..
+        }) => {
+            assert_eq!((issuer.as_str(), subject.as_str()), ("svc", "user-7"));
+            assert_eq!((key_id.as_deref(), audience), (Some("k1"), &None));
+        }
+        other => panic!("{other:?}"),
+    }
+    // With a secret: client_secret_basic by default.
+    let c = load(
+        &grant_config(
+            "grant = \"jwt_bearer\"\ntoken_url = \"https://idp.test/token\"\nclient_id = \"svc\"\nclient_secret_file = \"secret\"\nassertion_file = \"assertion\"",
+        ),
+        &dir,
+    )
+    .unwrap();
+    assert!(matches!(c.profiles["p"].auth, ClientAuth::SecretBasic(_)));
+    assert!(matches!(
+        c.profiles["p"].grant,
+        Grant::JwtBearer(Assertion::File(_))
+    ));
+    let cases = [
+        (
+            "grant = \"jwt_bearer\"\ntoken_url = \"https://idp.test/token\"",
+            "profiles.p.private_key_file: missing; grant = \"jwt_bearer\" needs",
+        ),
+        (
+            "grant = \"jwt_bearer\"\ntoken_url = \"https://idp.test/token\"\nprivate_key_file = \"ec.pem\"",
+            "profiles.p.assertion_issuer: missing",
+        ),
+        (
+            "grant = \"jwt_bearer\"\ntoken_url = \"https://idp.test/token\"\nclient_id = \"c\"\nprivate_key_file = \"ec.pem\"\nsigning_alg = \"RS256\"",
+            "profiles.p.signing_alg: signing_alg RS256 does not fit",
+        ),
+        (
+            "grant = \"jwt_bearer\"\ntoken_url = \"https://idp.test/token\"\nclient_id = \"c\"\nassertion_file = \"assertion\"\nprivate_key_file = \"ec.pem\"",
+            "profiles.p.private_key_file: set one of",
+        ),
+        (
+            "grant = \"jwt_bearer\"\ntoken_url = \"https://idp.test/token\"\nclient_id = \"c\"\nassertion_file = \"assertion\"\nkey_id = \"k\"",
+            "profiles.p.key_id: not used with assertion_file",
+        ),
+        (
+            "grant = \"jwt_bearer\"\ntoken_url = \"https://idp.test/token\"\nclient_id = \"c\"\nassertion_file = \"assertion\"\nauth_method = \"private_key_jwt\"",
+            "profiles.p.auth_method: \"private_key_jwt\" is not offered with grant = \"jwt_bearer\"",
+        ),
+        (
+            "grant = \"jwt_bearer\"\ntoken_url = \"https://idp.test/token\"\nclient_id = \"c\"\nassertion_file = \"assertion\"\nsubject_token_file = \"assertion\"",
+            "profiles.p.subject_token_file: only used with grant = \"token_exchange\"",
+        ),
+        (
+            "token_url = \"https://idp.test/token\"\nclient_id = \"c\"\nauth_method = \"none\"",
+            "profiles.p.auth_method: \"none\" is only for grant",
+        ),
+        (
+            "token_url = \"https://idp.test/token\"\nclient_id = \"c\"\nclient_secret_file = \"secret\"\nassertion_file = \"assertion\"",
+            "profiles.p.assertion_file: only used with grant = \"jwt_bearer\"",
+        ),
+    ];
+    for (keys, want) in cases {
+        let p = problems_in(&dir, &grant_config(keys));
+        assert!(!p.is_empty() && p[0].starts_with(want), "{keys}: {p:?}");
+    }
+}
+
+#[test]
+fn google_key_files_are_checked_naming_the_field() {
+    let dir = dir_with_secret();
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let write = |name: &str, json: serde_json::Value| {
+        std::fs::write(dir.path().join(name), json.to_string()).unwrap();
+    };
+    let base = serde_json::json!({
+        "type": "service_account",
+        "client_email": "svc@p.iam.gserviceaccount.com",
+        "private_key_id": "kid1",
+        "private_key": kp.serialize_pem(),
+        "token_uri": "https://oauth2.googleapis.com/token",
+    });
+    let with = |f: &str| {
+        grant_config(&format!(
+            "grant = \"jwt_bearer\"\ngoogle_credentials_file = \"{f}\""
+        ))
+    };
+    // An EC key is not a Google key; every other field problem is named.
+    write("ec.json", base.clone());
+    let p = problems_in(&dir, &with("ec.json"));
+    assert!(
+        p[0].contains("Google service account keys are RSA"),
+        "{p:?}"
+    );
+    for (field, name) in [
+        ("client_email", "no-email.json"),
+        ("private_key", "no-key.json"),
+        ("token_uri", "no-uri.json"),
+    ] {
+        let mut j = base.clone();
+        j.as_object_mut().unwrap().remove(field);
+        write(name, j);
+        let p = problems_in(&dir, &with(name));
+        assert!(
+            p.len() == 1
+                && p[0].starts_with("profiles.p.google_credentials_file:")
+                && p[0].contains(&format!("{field:?} is missing")),
+            "{field}: {p:?}"
+        );
+    }
+    let mut j = base.clone();
+    j["type"] = "authorized_user".into();
+    write("user.json", j);
+    let p = problems_in(&dir, &with("user.json"));
+    assert!(p[0].contains("\"type\" is \"authorized_user\""), "{p:?}");
+    let mut j = base.clone();
+    j["type"] = "external_account".into();
+    write("wif.json", j);
+    let p = problems_in(&dir, &with("wif.json"));
+    assert!(p[0].contains("external_account"), "{p:?}");
+    std::fs::write(dir.path().join("junk.json"), "{not json").unwrap();
+    let p = problems_in(&dir, &with("junk.json"));
+    assert!(p[0].contains("is not a JSON object"), "{p:?}");
+    // No error shows the key.
+    for f in ["ec.json", "no-email.json", "user.json", "junk.json"] {
+        let text = problems_in(&dir, &with(f)).join("\n");
+        assert!(!text.contains("PRIVATE KEY") && !text.contains(&kp.serialize_pem()[30..60]));
+    }
+}
+
+#[test]
+fn token_exchange_and_chains_are_checked() {
+    let dir = dir_with_secret();
+    std::fs::write(dir.path().join("sa-token"), "eyJ.a.b\n").unwrap();
+    let text = "[profiles.a]\ntoken_url = \"https://idp.test/token\"\nclient_id = \"a\"\nclient_secret_file = \"secret\"\n\n\
+        [profiles.b]\ngrant = \"token_exchange\"\ntoken_url = \"https://sts.test/token\"\nsubject_profile = \"a\"\naudience = \"https://api\"\n\n\
+        [profiles.c]\ngrant = \"token_exchange\"\ntoken_url = \"https://sts.test/token\"\nsubject_token_file = \"sa-token\"\n\
+        subject_token_type = \"urn:ietf:params:oauth:token-type:jwt\"\nrequested_token_type = \"urn:ietf:params:oauth:token-type:access_token\"\n\n\
+        [[routes]]\nhost = \"b.test\"\nprofile = \"b\"\n";
+    let c = load(text, &dir).unwrap();
+    // `a` has no route, but `b` exchanges its token: both are in use.
+    let used: Vec<&str> = c.profiles_in_use().map(|p| p.name.as_str()).collect();
+    assert_eq!(used, ["a", "b"]);
+    match &c.profiles["b"].grant {
+        Grant::TokenExchange(x) => {
+            assert_eq!(x.subject, Subject::Profile("a".into()));
+            assert_eq!(
+                x.subject_token_type,
+                "urn:ietf:params:oauth:token-type:access_token"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.profiles["b"].auth, ClientAuth::None);
+    let cycle = "[profiles.x]\ngrant = \"token_exchange\"\ntoken_url = \"https://sts.test/t\"\nsubject_profile = \"y\"\n\
+        [profiles.y]\ngrant = \"token_exchange\"\ntoken_url = \"https://sts.test/t\"\nsubject_profile = \"x\"\n\
+        [[routes]]\nhost = \"x.test\"\nprofile = \"x\"\n";
+    let p = problems_in(&dir, cycle);
+    assert!(
+        p.iter().any(|l| l
+            .starts_with("profiles.x.subject_profile: the chain comes back to itself: x → y → x")),
+        "{p:?}"
+    );
+    let cases = [
+        (
+            "subject_profile = \"nope\"",
+            "profiles.p.subject_profile: no profile named \"nope\"",
+        ),
+        (
+            "subject_profile = \"p\"",
+            "profiles.p.subject_profile: a profile cannot exchange its own token",
+        ),
+        (
+            "subject_token_file = \"sa-token\"",
+            "profiles.p.subject_token_type: missing",
+        ),
+        (
+            "subject_token_file = \"sa-token\"\nsubject_token_type = \"jwt\"",
+            "profiles.p.subject_token_type: \"jwt\" is not a token type",
+        ),
+        (
+            "subject_token_file = \"sa-token\"\nsubject_token_type = \"urn:ietf:params:oauth:token-type:jwt\"\nactor_token_file = \"sa-token\"",
+            "profiles.p.actor_token_type: missing",
+        ),
+        ("", "profiles.p.subject_token_file: missing"),
+        (
+            "subject_token_file = \"missing\"\nsubject_token_type = \"urn:ietf:params:oauth:token-type:jwt\"",
+            "profiles.p.subject_token_file:",
+        ),
+    ];
+    for (keys, want) in cases {
+        let p = problems_in(
+            &dir,
+            &grant_config(&format!(
+                "grant = \"token_exchange\"\ntoken_url = \"https://sts.test/token\"\n{keys}"
+            )),
+        );
+        assert!(!p.is_empty() && p[0].starts_with(want), "{keys}: {p:?}");
+    }
+}

@@ -75,7 +75,12 @@ pub struct Static {
 }
 
 /// The `grant` values, as `check` lists them.
-pub const GRANTS: [&str; 2] = ["client_credentials", "static"];
+pub const GRANTS: [&str; 4] = [
+    "client_credentials",
+    "jwt_bearer",
+    "token_exchange",
+    "static",
+];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Proxy {
@@ -166,6 +171,58 @@ pub struct Profile {
     pub cache: CacheMode,
     /// Sender-constrained tokens (RFC 9449), when `dpop = true`.
     pub dpop: Option<Dpop>,
+    /// How the token is obtained (`grant`).
+    pub grant: Grant,
+}
+
+/// A token endpoint profile's grant.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Grant {
+    /// RFC 6749 §4.4.
+    ClientCredentials,
+    /// RFC 7523 §2.1: an assertion for a token.
+    JwtBearer(Assertion),
+    /// RFC 8693: a subject token (and maybe an actor token) for a token.
+    TokenExchange(Exchange),
+}
+
+/// Where a JWT bearer grant's assertion comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Assertion {
+    /// Signed by the proxy at each token request with `key_file` (read
+    /// then, so a rotated key is used at once).
+    Signed {
+        key_file: PathBuf,
+        alg: Option<Alg>,
+        key_id: Option<String>,
+        issuer: String,
+        subject: String,
+        /// Default: the token endpoint URL.
+        audience: Option<String>,
+    },
+    /// A ready assertion from a file, read at each token request.
+    File(PathBuf),
+    /// A Google service account key file: signed RS256 with its key, `kid`
+    /// its key id, `iss` its client email, `scope` as a claim.
+    Google(PathBuf),
+}
+
+/// A token exchange's tokens (RFC 8693 §2.1).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Subject {
+    /// A file read at each token request (a projected ServiceAccount token).
+    File(PathBuf),
+    /// Another profile's current token: a chain.
+    Profile(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exchange {
+    pub subject: Subject,
+    pub subject_token_type: String,
+    /// `actor_token_file` and `actor_token_type`.
+    pub actor: Option<(PathBuf, String)>,
+    pub requested_token_type: Option<String>,
 }
 
 /// A profile's DPoP settings: its key comes from `key_file` (checked to
@@ -185,7 +242,8 @@ pub enum Endpoint {
     Issuer(url::Url),
 }
 
-/// The `auth_method` values, as `check` lists them.
+/// The `auth_method` values, as `check` lists them; `none` too with
+/// `jwt_bearer` and `token_exchange`.
 pub const METHODS: [&str; 5] = [
     "client_secret_basic",
     "client_secret_post",
@@ -197,6 +255,9 @@ pub const METHODS: [&str; 5] = [
 /// How the client proves itself at the token endpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientAuth {
+    /// No client authentication (`jwt_bearer`, `token_exchange`): the
+    /// assertion or the subject token is the proof.
+    None,
     /// HTTP Basic with the form-url-encoded id and secret (RFC 6749 §2.3.1).
     SecretBasic(secret::Source),
     /// `client_id` and `client_secret` in the form body.
@@ -226,6 +287,7 @@ pub enum ClientAuth {
 impl ClientAuth {
     pub fn method_name(&self) -> &'static str {
         match self {
+            ClientAuth::None => "none",
             ClientAuth::SecretBasic(_) => "client_secret_basic",
             ClientAuth::SecretPost(_) => "client_secret_post",
             ClientAuth::SecretJwt { .. } => "client_secret_jwt",
@@ -294,10 +356,37 @@ pub enum UpstreamProtocol {
 
 impl Config {
     /// Names of profiles that at least one route uses: only these fetch tokens.
+    /// A profile that another in use takes its subject token from
+    /// (`subject_profile`) is in use too.
     pub fn profiles_in_use(&self) -> impl Iterator<Item = &Profile> {
+        let mut used: std::collections::BTreeSet<&str> =
+            self.routes.iter().map(|r| r.profile.as_str()).collect();
+        // Chains are short and acyclic (checked): follow them to the end.
+        loop {
+            let more: Vec<&str> = used
+                .iter()
+                .filter_map(|n| self.subject_of(n))
+                .filter(|s| !used.contains(s))
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            used.extend(more);
+        }
         self.profiles
             .values()
-            .filter(|p| self.routes.iter().any(|r| r.profile == p.name))
+            .filter(move |p| used.contains(p.name.as_str()))
+    }
+
+    /// The profile whose token `profile` exchanges, if it is a chain.
+    pub fn subject_of(&self, profile: &str) -> Option<&str> {
+        match &self.profiles.get(profile)?.grant {
+            Grant::TokenExchange(Exchange {
+                subject: Subject::Profile(s),
+                ..
+            }) => Some(s),
+            _ => None,
+        }
     }
 
     /// Static-credential profiles that at least one route uses.
@@ -335,7 +424,28 @@ impl Config {
                 ClientAuth::SecretBasic(Source::Env(_))
                 | ClientAuth::SecretPost(Source::Env(_))
                 | ClientAuth::SecretJwt { .. }
-                | ClientAuth::ClientAssertion(Source::Env(_)) => {}
+                | ClientAuth::ClientAssertion(Source::Env(_))
+                | ClientAuth::None => {}
+            }
+            match &profile.grant {
+                Grant::JwtBearer(Assertion::Signed { key_file, .. }) => {
+                    out.push((key("private_key_file"), key_file.clone()))
+                }
+                Grant::JwtBearer(Assertion::File(p)) => {
+                    out.push((key("assertion_file"), p.clone()))
+                }
+                Grant::JwtBearer(Assertion::Google(p)) => {
+                    out.push((key("google_credentials_file"), p.clone()))
+                }
+                Grant::TokenExchange(x) => {
+                    if let Subject::File(p) = &x.subject {
+                        out.push((key("subject_token_file"), p.clone()));
+                    }
+                    if let Some((p, _)) = &x.actor {
+                        out.push((key("actor_token_file"), p.clone()));
+                    }
+                }
+                Grant::ClientCredentials => {}
             }
             if let Some(Dpop {
                 key_file: Some(f), ..

@@ -44,6 +44,13 @@ pub struct Client {
     /// DPoP (RFC 9449): the key that proves possession, what the token
     /// endpoint said about proofs (nonce, clock), and the counters.
     dpop: Option<Dpop>,
+    /// What the grant adds to each request (an assertion, a subject token).
+    grant: super::grant::Grant,
+    /// The profile's scopes, space-joined (Google wants them as a claim).
+    scopes: String,
+    /// A chain: when the subject token used by the last token request
+    /// expires, to tell a renewed subject from it.
+    subject_used: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 #[derive(Debug)]
@@ -132,8 +139,9 @@ impl Client {
             ClientAuth::TlsClientAuth { .. } => None,
             _ => Some(clients.get(profile)?),
         };
-        let mut params = vec![("grant_type".to_owned(), "client_credentials".to_owned())];
-        if !profile.scopes.is_empty() {
+        let grant = super::grant::Grant::new(&profile.grant);
+        let mut params = vec![("grant_type".to_owned(), grant.grant_type().to_owned())];
+        if !profile.scopes.is_empty() && grant.scope_in_form() {
             params.push(("scope".into(), profile.scopes.join(" ")));
         }
         if let Some(aud) = &profile.audience {
@@ -167,7 +175,36 @@ impl Client {
             timeout,
             default_lifetime,
             dpop: None,
+            grant,
+            scopes: profile.scopes.join(" "),
+            subject_used: std::sync::Mutex::new(None),
         })
+    }
+
+    /// A chain: the store of the profile whose token this one exchanges.
+    pub fn with_subject(mut self, store: Arc<super::Store>) -> Self {
+        self.grant = self.grant.with_subject(store);
+        self
+    }
+
+    /// For a chain, resolves once the subject profile holds another token
+    /// than the one last exchanged; never for other grants.
+    pub async fn subject_renewed(&self) {
+        let Some(store) = self.grant.subject_store() else {
+            return std::future::pending().await;
+        };
+        let mut attempts = store.attempts();
+        loop {
+            let used = *self.subject_used.lock().unwrap_or_else(|p| p.into_inner());
+            if let (Some(t), Some(used)) = (store.current(), used)
+                && t.expires_at() != used
+            {
+                return;
+            }
+            if attempts.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Asks for DPoP-bound tokens, proving possession of `key` (RFC 9449
@@ -304,7 +341,7 @@ impl Client {
         key: Option<&crate::dpop::ProofKey>,
     ) -> (Result<Parsed, FetchError>, bool) {
         match self.request(http, url, key).await {
-            Ok((status, headers, body)) => {
+            Ok((status, headers, body, subject_expires)) => {
                 let now_unix = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs())
@@ -319,8 +356,21 @@ impl Client {
                     retry_after,
                     now_unix,
                     self.default_lifetime,
-                    self.dpop.is_some(),
-                );
+                    response::Expect {
+                        dpop: self.dpop.is_some(),
+                        exchange: self.grant.exchange(),
+                    },
+                )
+                .map(|mut parsed| {
+                    // An exchanged token never outlives its subject: it is
+                    // renewed, at the latest, before the subject expires.
+                    if let Some(until) = subject_expires {
+                        let left = until.saturating_duration_since(tokio::time::Instant::now());
+                        parsed.lifetime = parsed.lifetime.min(left);
+                        *self.subject_used.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+                    }
+                    parsed
+                });
                 let retry = match (&self.dpop, &result) {
                     (
                         Some(dpop),
@@ -361,7 +411,19 @@ impl Client {
         http: &reqwest::Client,
         url: &url::Url,
         key: Option<&crate::dpop::ProofKey>,
-    ) -> Result<(u16, reqwest::header::HeaderMap, Vec<u8>), FetchError> {
+    ) -> Result<
+        (
+            u16,
+            reqwest::header::HeaderMap,
+            Vec<u8>,
+            Option<tokio::time::Instant>,
+        ),
+        FetchError,
+    > {
+        let prepared = self
+            .grant
+            .prepare(url.as_str(), &self.scopes, self.timeout)
+            .await?;
         let mut request = http.post(url.clone()).headers(self.headers.clone());
         if let (Some(dpop), Some(key)) = (&self.dpop, key) {
             request = request.header("dpop", self.dpop_proof(dpop, key, url)?);
@@ -370,9 +432,21 @@ impl Client {
         let body = {
             let mut form = form_urlencoded::Serializer::new(String::new());
             form.extend_pairs(self.params.iter());
+            for (name, value) in &prepared.params {
+                form.append_pair(name, value.expose());
+            }
             let secret_error = |e: crate::secret::Error| FetchError::Secret(e.to_string());
             let audience = self.assertion_audience.as_deref().unwrap_or(url.as_str());
             let assertion = match &self.auth {
+                ClientAuth::None => {
+                    // An unauthenticated client may still say who it is
+                    // (RFC 6749 §3.2.1); a Google key file's request has
+                    // exactly grant_type and assertion.
+                    if !self.client_id.is_empty() && self.grant.scope_in_form() {
+                        form.append_pair("client_id", &self.client_id);
+                    }
+                    None
+                }
                 ClientAuth::SecretBasic(source) => {
                     let secret = source.read().map_err(secret_error)?;
                     let value = basic_auth(&self.client_id, secret.expose(), self.basic_encoding);
@@ -451,7 +525,7 @@ impl Client {
                 ReadError::Transport(e) if e.is_timeout() => FetchError::Timeout(self.timeout),
                 ReadError::Transport(e) => FetchError::Interrupted(errors::chain(&e.without_url())),
             })?;
-        Ok((status, headers, body))
+        Ok((status, headers, body, prepared.subject_expires))
     }
 
     /// Without the URL: the error reaches 503 bodies, and the app is not
@@ -480,7 +554,7 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 /// `Sun, 06 Nov 1994 08:49:37 GMT`, the only date form RFC 9110 requires
 /// senders to use.
-pub(crate) fn parse_imf_fixdate(s: &str) -> Option<SystemTime> {
+fn parse_imf_fixdate(s: &str) -> Option<SystemTime> {
     let (_weekday, rest) = s.split_once(", ")?;
     let mut parts = rest.split(' ');
     let (day, month, year, time, zone) = (

@@ -8,6 +8,7 @@
 
 pub mod assertion;
 pub mod client;
+pub mod grant;
 pub mod observe;
 pub mod refresh;
 pub mod response;

@@ -265,7 +265,7 @@ pub async fn run<S: Source, O: Observe>(
                 let token = Arc::new(token);
                 published = Some(Arc::clone(&token));
                 store.publish(token);
-                until_renewal(&store, next).await;
+                until_renewal(&store, next, source.renew_early()).await;
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
@@ -300,12 +300,15 @@ pub async fn run<S: Source, O: Observe>(
     }
 }
 
-/// Sleeps until the renewal time. A wake that finds no usable token (an
+/// Sleeps until the renewal time, or until the source says to renew early
+/// (a chain's subject was renewed). A wake that finds no usable token (an
 /// upstream 401, rate-limited by the store) fetches at once.
-async fn until_renewal(store: &Store, at: Instant) {
+async fn until_renewal(store: &Store, at: Instant, early: impl Future<Output = ()>) {
+    let mut early = std::pin::pin!(early);
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(at) => return,
+            _ = &mut early => return,
             _ = store.woken() => {
                 if store.current().is_none() {
                     return;

@@ -49,6 +49,9 @@ pub enum FetchError {
     InvalidResponse(String),
     #[error("issuer discovery failed: {0}")]
     Discovery(String),
+    /// A chain's subject profile had no token to exchange.
+    #[error("{0}")]
+    Subject(String),
 }
 
 fn describe(error: &Option<String>, description: &Option<String>) -> String {
@@ -70,6 +73,7 @@ impl FetchError {
             FetchError::Connect(_) | FetchError::Interrupted(_) => "connect",
             FetchError::InvalidResponse(_) => "invalid_response",
             FetchError::Discovery(_) => "discovery",
+            FetchError::Subject(_) => "subject",
             FetchError::Rejected { error, .. } => match error.as_deref() {
                 Some("invalid_request") => "invalid_request",
                 Some("invalid_client") => "invalid_client",
@@ -112,19 +116,38 @@ pub fn parse(
     now_unix: u64,
     default_lifetime: Duration,
 ) -> Result<Parsed, FetchError> {
-    parse_as(status, body, retry_after, now_unix, default_lifetime, false)
+    parse_as(
+        status,
+        body,
+        retry_after,
+        now_unix,
+        default_lifetime,
+        Expect::default(),
+    )
 }
 
-/// [`parse`], for a request that asked for a DPoP-bound token (`dpop`):
-/// then the answer's `token_type` must be `DPoP`.
+/// What a request asked for beyond a bearer token.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Expect<'a> {
+    /// A DPoP-bound token: the answer's `token_type` must be `DPoP`.
+    pub dpop: bool,
+    /// A token exchange (RFC 8693 §2.2.1): `token_type` `N_A` is allowed
+    /// (the issued token is not an access token, but is used as one), and
+    /// `issued_token_type` must be present, and equal the requested type
+    /// when one was asked for.
+    pub exchange: Option<Option<&'a str>>,
+}
+
+/// [`parse`], for a request that asked for more (see [`Expect`]).
 pub fn parse_as(
     status: u16,
     body: &[u8],
     retry_after: Option<Duration>,
     now_unix: u64,
     default_lifetime: Duration,
-    dpop: bool,
+    expect: Expect<'_>,
 ) -> Result<Parsed, FetchError> {
+    let dpop = expect.dpop;
     let json: Option<Value> = serde_json::from_slice(body).ok();
     if !(200..300).contains(&status) {
         let field = |k: &str| {
@@ -169,6 +192,7 @@ pub fn parse_as(
         }
         // RFC 6749 requires it, but some servers leave it out; Bearer is meant.
         None => {}
+        Some(Value::String(t)) if expect.exchange.is_some() && t == "N_A" => {}
         Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
         Some(Value::String(t)) if t.eq_ignore_ascii_case("dpop") => {
             return Err(invalid("token_type DPoP is not supported"));
@@ -211,6 +235,21 @@ pub fn parse_as(
         (None, None) => default_lifetime,
     }
     .min(MAX_LIFETIME);
+    if let Some(requested) = expect.exchange {
+        match (
+            obj.get("issued_token_type").and_then(Value::as_str),
+            requested,
+        ) {
+            (None, _) => return Err(invalid("issued_token_type is missing (RFC 8693 §2.2.1)")),
+            (Some(issued), Some(want)) if issued != want => {
+                return Err(FetchError::InvalidResponse(format!(
+                    "issued_token_type {:?} is not the requested {want:?}",
+                    clean(issued)
+                )));
+            }
+            _ => {}
+        }
+    }
     let scope = obj.get("scope").and_then(Value::as_str).map(clean);
     Ok(Parsed {
         access_token: Secret::new(token.clone()),
@@ -534,7 +573,10 @@ b{}"}}"#,
             None,
             NOW,
             DEFAULT,
-            true,
+            Expect {
+                dpop: true,
+                ..Expect::default()
+            },
         )
         .unwrap();
         assert_eq!(ok.lifetime, Duration::from_secs(60));
@@ -543,7 +585,18 @@ b{}"}}"#,
             &br#"{"access_token":"a","token_type":"Bearer","expires_in":60}"#[..],
             br#"{"access_token":"a","expires_in":60}"#,
         ] {
-            let e = parse_as(200, body, None, NOW, DEFAULT, true).unwrap_err();
+            let e = parse_as(
+                200,
+                body,
+                None,
+                NOW,
+                DEFAULT,
+                Expect {
+                    dpop: true,
+                    ..Expect::default()
+                },
+            )
+            .unwrap_err();
             assert!(e.to_string().contains("not DPoP"), "{e}");
         }
         // Not asked for: a DPoP token is refused, as before.
@@ -553,7 +606,7 @@ b{}"}}"#,
             None,
             NOW,
             DEFAULT,
-            false,
+            Expect::default(),
         )
         .unwrap_err();
         assert!(e.to_string().contains("DPoP is not supported"), "{e}");

@@ -42,6 +42,12 @@ pub trait Source: Send + Sync + 'static {
     fn dpop_key(&self) -> Option<std::sync::Arc<crate::dpop::ProofKey>> {
         None
     }
+
+    /// Resolves when the token in hand should be renewed before its time:
+    /// a chain's subject profile has a new token. Default: never.
+    fn renew_early(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 impl Source for super::Client {
@@ -51,5 +57,9 @@ impl Source for super::Client {
 
     fn dpop_key(&self) -> Option<std::sync::Arc<crate::dpop::ProofKey>> {
         super::Client::dpop_key(self)
+    }
+
+    fn renew_early(&self) -> impl Future<Output = ()> + Send {
+        super::Client::subject_renewed(self)
     }
 }

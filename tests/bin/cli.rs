@@ -19,7 +19,11 @@ fn version_prints_the_crate_version() {
 
 #[test]
 fn check_accepts_the_shipped_examples() {
-    for file in ["config/example.toml", "config/client-secret-post.toml"] {
+    for file in [
+        "config/example.toml",
+        "config/client-secret-post.toml",
+        "config/google-service-account.toml",
+    ] {
         let out = Command::new(BIN)
             .args(["check", "--config", file])
             .env("REPORTING_CLIENT_SECRET", "placeholder")

@@ -10,6 +10,7 @@
 //! [`route`] (`[[routes]]`) and [`cache`] (`[cache]`, the fleet's Redis).
 
 mod cache;
+mod grant;
 mod profile;
 mod proxy;
 mod route;
@@ -83,6 +84,22 @@ impl Validator<'_> {
             .collect();
         let cache = raw.cache.and_then(|c| self.cache(c));
         let (profiles, statics) = self.profiles(raw.profiles, has_cache);
+        self.chains(&profiles, &declared);
+        for (name, p) in &profiles {
+            if let crate::config::Grant::TokenExchange(crate::config::Exchange {
+                subject: crate::config::Subject::Profile(s),
+                ..
+            }) = &p.grant
+                && statics.contains_key(s)
+            {
+                self.problem(
+                    format!("profiles.{name}.subject_profile"),
+                    format!(
+                        "{s:?} is a static credential; a subject must be a profile that gets tokens"
+                    ),
+                );
+            }
+        }
         let (routes, route_listens) =
             self.routes(raw.routes, &declared, &dpop, &proxy.connect_allow);
 

@@ -25,8 +25,9 @@ impl Validator<'_> {
         let mut profiles = BTreeMap::new();
         let mut statics = BTreeMap::new();
         for (name, p) in raw {
-            match p.grant.as_deref().unwrap_or("client_credentials") {
-                "client_credentials" => {
+            let grant = p.grant.clone();
+            match grant.as_deref().unwrap_or("client_credentials") {
+                kind @ ("client_credentials" | "jwt_bearer" | "token_exchange") => {
                     if p.credential_file.is_some() {
                         self.problem(
                             format!("profiles.{name}.credential_file"),
@@ -43,7 +44,7 @@ impl Validator<'_> {
                             "a DPoP token is usable only with its key, and a key generated at start is this replica's alone: set cache = \"local\", or give every replica the same dpop_key_file",
                         );
                     }
-                    if let (Some(mut profile), Some(dpop)) = (self.profile(&name, p), dpop) {
+                    if let (Some(mut profile), Some(dpop)) = (self.profile(&name, p, kind), dpop) {
                         profile.cache = cache;
                         profile.dpop = dpop;
                         profiles.insert(name, profile);
@@ -89,6 +90,19 @@ impl Validator<'_> {
             ("dpop", p.dpop.is_some()),
             ("dpop_key_file", p.dpop_key_file.is_some()),
             ("dpop_alg", p.dpop_alg.is_some()),
+            (
+                "google_credentials_file",
+                p.google_credentials_file.is_some(),
+            ),
+            ("assertion_issuer", p.assertion_issuer.is_some()),
+            ("assertion_subject", p.assertion_subject.is_some()),
+            ("assertion_file", p.assertion_file.is_some()),
+            ("subject_token_file", p.subject_token_file.is_some()),
+            ("subject_profile", p.subject_profile.is_some()),
+            ("subject_token_type", p.subject_token_type.is_some()),
+            ("actor_token_file", p.actor_token_file.is_some()),
+            ("actor_token_type", p.actor_token_type.is_some()),
+            ("requested_token_type", p.requested_token_type.is_some()),
         ];
         for (k, set) in unused {
             if set {
@@ -238,7 +252,7 @@ impl Validator<'_> {
         }
     }
 
-    fn signing_alg(&mut self, key: &str, alg: Option<&str>) -> Result<Option<Alg>, ()> {
+    pub(super) fn signing_alg(&mut self, key: &str, alg: Option<&str>) -> Result<Option<Alg>, ()> {
         match alg {
             None => Ok(None),
             Some(a) => match Alg::parse(a) {
@@ -253,11 +267,35 @@ impl Validator<'_> {
 
     /// The client authentication of a profile: each method's own keys,
     /// present and valid; keys of other methods refused.
-    fn client_auth(&mut self, name: &str, p: &RawProfile) -> Option<ClientAuth> {
+    fn client_auth(&mut self, name: &str, p: &RawProfile, kind: &str) -> Option<ClientAuth> {
         let key = |k: &str| format!("profiles.{name}.{k}");
-        let method = p.auth_method.as_deref().unwrap_or("client_secret_basic");
+        // With an assertion or a subject token as the proof, no client
+        // authentication unless a secret says otherwise.
+        let default = match kind {
+            "client_credentials" => "client_secret_basic",
+            _ if p.client_secret_file.is_some() || p.client_secret_env.is_some() => {
+                "client_secret_basic"
+            }
+            _ => "none",
+        };
+        let method = p.auth_method.as_deref().unwrap_or(default);
         // Which keys each method reads.
         let uses: &[&str] = match method {
+            "none" if kind != "client_credentials" => &[],
+            "none" => {
+                self.problem(
+                    key("auth_method"),
+                    "\"none\" is only for grant = \"jwt_bearer\" or \"token_exchange\"; client credentials need client authentication",
+                );
+                return None;
+            }
+            "private_key_jwt" | "client_secret_jwt" if kind == "jwt_bearer" => {
+                self.problem(
+                    key("auth_method"),
+                    format!("{method:?} is not offered with grant = \"jwt_bearer\", whose private_key_file, key_id, signing_alg and assertion_audience sign the grant's assertion; use \"none\", \"client_secret_basic\", \"client_secret_post\" or \"tls_client_auth\""),
+                );
+                return None;
+            }
             "client_secret_basic" | "client_secret_post" => {
                 &["client_secret_file", "client_secret_env"]
             }
@@ -277,7 +315,11 @@ impl Validator<'_> {
             ],
             "tls_client_auth" => &["client_cert_file", "client_key_file"],
             other => {
-                self.one_of(&key("auth_method"), other, &METHODS);
+                let mut allowed = METHODS.to_vec();
+                if kind != "client_credentials" {
+                    allowed.insert(0, "none");
+                }
+                self.one_of(&key("auth_method"), other, &allowed);
                 // Still check a secret that is named: report everything at once.
                 if p.client_secret_file.is_some() || p.client_secret_env.is_some() {
                     self.secret_source(name, p);
@@ -308,6 +350,7 @@ impl Validator<'_> {
             }
         }
         let auth = match method {
+            "none" => Some(ClientAuth::None),
             "client_secret_basic" => self.secret_source(name, p).map(ClientAuth::SecretBasic),
             "client_secret_post" => self.secret_source(name, p).map(ClientAuth::SecretPost),
             "client_secret_jwt" => {
@@ -398,10 +441,15 @@ impl Validator<'_> {
         auth.filter(|_| !stray)
     }
 
-    fn profile(&mut self, name: &str, p: RawProfile) -> Option<Profile> {
+    fn profile(&mut self, name: &str, p: RawProfile, kind: &str) -> Option<Profile> {
         let key = |k: &str| format!("profiles.{name}.{k}");
         let mut ok = true;
+        let (grant, google) = self.grant(name, &p, kind);
         let endpoint = match (&p.token_url, &p.issuer) {
+            // A Google key file names its token endpoint.
+            (None, None) if p.google_credentials_file.is_some() => {
+                google.clone().map(|(uri, _)| Endpoint::TokenUrl(uri))
+            }
             (Some(u), None) => self.https_url(&key("token_url"), u).map(Endpoint::TokenUrl),
             (None, Some(u)) => self.https_url(&key("issuer"), u).map(Endpoint::Issuer),
             (Some(_), Some(_)) => {
@@ -416,14 +464,38 @@ impl Validator<'_> {
                 None
             }
         };
-        let client_id = match &p.client_id {
-            Some(id) if !id.is_empty() => Some(id.clone()),
+        let client_id = match (&p.client_id, &google) {
+            (Some(id), _) if !id.is_empty() => Some(id.clone()),
+            (_, Some((_, email))) => Some(email.clone()),
+            // Only client authentication needs an id.
+            _ if kind != "client_credentials" => Some(String::new()),
             _ => {
                 self.problem(key("client_id"), "missing");
                 None
             }
         };
-        let auth = self.client_auth(name, &p);
+        // A jwt_bearer profile's key settings sign its assertion, not the
+        // client authentication.
+        let for_auth = if kind == "jwt_bearer" {
+            RawProfile {
+                private_key_file: None,
+                key_id: None,
+                signing_alg: None,
+                assertion_audience: None,
+                ..p.clone()
+            }
+        } else {
+            p.clone()
+        };
+        let auth = self.client_auth(name, &for_auth, kind);
+        if kind != "client_credentials"
+            && p.client_id.as_deref().unwrap_or("").is_empty()
+            && google.is_none()
+            && auth.as_ref().is_some_and(|a| *a != ClientAuth::None)
+        {
+            self.problem(key("client_id"), "missing; client authentication needs it");
+            ok = false;
+        }
         let basic_encoding = match p.basic_encoding.as_deref().unwrap_or("form") {
             "form" => BasicEncoding::Form,
             "raw" => BasicEncoding::Raw,
@@ -474,6 +546,7 @@ impl Validator<'_> {
             basic_encoding,
             cache: CacheMode::Local,
             dpop: None,
+            grant: grant?,
         })
         .filter(|_| ok)
     }

@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub mod dpop_server;
+pub mod google;
 // Only the fleet tests (tests/fleet, tests/bin/fleet.rs) start Redis.
 #[allow(dead_code)]
 pub mod redis;
