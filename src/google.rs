@@ -1,9 +1,11 @@
 //! Google Cloud credential files (`google_credentials_file`): the JSON a
 //! user downloads for a service account key (`type: service_account`),
 //! which drives a JWT bearer grant (RFC 7523 §2.1) the way Google
-//! documents it. Read again at every token request, so a rotated key file
-//! is used at once. `external_account` files (workload identity
-//! federation) are recognised and refused until their flow lands.
+//! documents it, or the file `gcloud iam workload-identity-pools
+//! create-cred-config` writes (`type: external_account`), which drives
+//! workload identity federation: an STS token exchange, then, when named,
+//! service account impersonation. Read again at every token request, so a
+//! rotated file is used at once.
 //!
 //! Nothing here logs; errors name the file and the field, never a value.
 
@@ -45,14 +47,22 @@ pub enum Error {
     },
     #[error("{path} is not a JSON object ({reason})")]
     NotJson { path: String, reason: String },
-    #[error(
-        "{path}: \"type\" is {kind:?}; expected \"service_account\" (or \"external_account\", not supported yet)"
-    )]
+    #[error("{path}: \"type\" is {kind:?}; expected \"service_account\" or \"external_account\"")]
     Type { path: String, kind: String },
-    #[error(
-        "{path}: \"type\" is \"external_account\" (workload identity federation), which is not supported yet; use a service account key file, or a token_exchange profile"
-    )]
+    #[error("{path}: \"type\" is \"external_account\" here, where a service account key is needed")]
     External { path: String },
+    #[error(
+        "{path}: \"type\" is \"service_account\" here, where an external_account file is needed"
+    )]
+    NotExternal { path: String },
+    #[error("{path}: {field:?} is not an https:// URL")]
+    NotHttps { path: String, field: &'static str },
+    #[error("{path}: \"credential_source\": {why}")]
+    Source { path: String, why: String },
+    #[error(
+        "{path}: \"service_account_impersonation\": \"token_lifetime_seconds\" must be a whole number from 600 to 43200"
+    )]
+    Lifetime { path: String },
     #[error("{path}: {field:?} is missing or not a string")]
     Missing { path: String, field: &'static str },
     #[error("{path}: \"token_uri\" is not an https:// URL")]
@@ -63,8 +73,53 @@ pub enum Error {
     NotRsa { path: String, kind: &'static str },
 }
 
-/// Reads and checks a service account key file.
-pub fn service_account(path: &Path) -> Result<ServiceAccount, Error> {
+/// What a credentials file is, read and checked.
+pub enum Credentials {
+    ServiceAccount(ServiceAccount),
+    External(ExternalAccount),
+}
+
+/// Workload identity federation (`type: external_account`).
+#[derive(Debug, Clone)]
+pub struct ExternalAccount {
+    /// The workload identity pool provider, the STS `audience`.
+    pub audience: String,
+    pub subject_token_type: String,
+    /// Google's STS token endpoint.
+    pub token_url: url::Url,
+    pub source: CredentialSource,
+    /// `…/serviceAccounts/EMAIL:generateAccessToken`, to impersonate.
+    pub impersonation_url: Option<url::Url>,
+    /// The impersonated token's lifetime.
+    pub lifetime: std::time::Duration,
+}
+
+/// Where the workload's own token (the STS subject token) comes from.
+#[derive(Debug, Clone)]
+pub enum CredentialSource {
+    /// A file, read at each request (a projected ServiceAccount token).
+    File {
+        path: std::path::PathBuf,
+        format: Format,
+    },
+    /// An HTTP(S) GET with headers (a metadata server).
+    Url {
+        url: url::Url,
+        headers: Vec<(String, String)>,
+        format: Format,
+    },
+}
+
+/// How the subject token is held in its source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    /// A JSON object; the token is this field.
+    Json(String),
+}
+
+/// Reads and checks a credentials file of either type.
+pub fn read(path: &Path) -> Result<Credentials, Error> {
     let shown = path.display().to_string();
     let data = Zeroizing::new(std::fs::read(path).map_err(|source| Error::Read {
         path: shown.clone(),
@@ -92,7 +147,7 @@ pub fn service_account(path: &Path) -> Result<ServiceAccount, Error> {
     };
     match field("type")? {
         "service_account" => {}
-        "external_account" => return Err(Error::External { path: shown }),
+        "external_account" => return external(&json, &shown).map(Credentials::External),
         other => {
             return Err(Error::Type {
                 path: shown,
@@ -124,10 +179,151 @@ pub fn service_account(path: &Path) -> Result<ServiceAccount, Error> {
             kind: key.kind(),
         });
     }
-    Ok(ServiceAccount {
+    Ok(Credentials::ServiceAccount(ServiceAccount {
         client_email,
         private_key_id,
         token_uri,
         key,
+    }))
+}
+
+/// Reads a service account key file (what a JWT bearer assertion needs).
+pub fn service_account(path: &Path) -> Result<ServiceAccount, Error> {
+    match read(path)? {
+        Credentials::ServiceAccount(sa) => Ok(sa),
+        Credentials::External(_) => Err(Error::External {
+            path: path.display().to_string(),
+        }),
+    }
+}
+
+/// Reads an `external_account` file (what federation needs).
+pub fn external_account(path: &Path) -> Result<ExternalAccount, Error> {
+    match read(path)? {
+        Credentials::External(x) => Ok(x),
+        Credentials::ServiceAccount(_) => Err(Error::NotExternal {
+            path: path.display().to_string(),
+        }),
+    }
+}
+
+fn external(
+    json: &serde_json::Map<String, serde_json::Value>,
+    shown: &str,
+) -> Result<ExternalAccount, Error> {
+    use serde_json::Value;
+    let field = |name: &'static str| {
+        json.get(name)
+            .and_then(Value::as_str)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| Error::Missing {
+                path: shown.to_owned(),
+                field: name,
+            })
+    };
+    let https = |name: &'static str, v: &str| {
+        url::Url::parse(v)
+            .ok()
+            .filter(|u| u.scheme() == "https")
+            .ok_or_else(|| Error::NotHttps {
+                path: shown.to_owned(),
+                field: name,
+            })
+    };
+    let audience = field("audience")?.to_owned();
+    let subject_token_type = field("subject_token_type")?.to_owned();
+    let token_url = https("token_url", field("token_url")?)?;
+    let impersonation_url = match json.get("service_account_impersonation_url") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(https(
+            "service_account_impersonation_url",
+            v.as_str().unwrap_or_default(),
+        )?),
+    };
+    let lifetime = match json
+        .get("service_account_impersonation")
+        .and_then(|v| v.get("token_lifetime_seconds"))
+    {
+        None => 3600,
+        Some(v) => v
+            .as_u64()
+            .filter(|s| (600..=43200).contains(s))
+            .ok_or_else(|| Error::Lifetime {
+                path: shown.to_owned(),
+            })?,
+    };
+    let source_error = |why: &str| Error::Source {
+        path: shown.to_owned(),
+        why: why.to_owned(),
+    };
+    let source = json
+        .get("credential_source")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::Missing {
+            path: shown.to_owned(),
+            field: "credential_source",
+        })?;
+    let format = match source.get("format") {
+        None => Format::Text,
+        Some(f) => match f.get("type").and_then(Value::as_str) {
+            None | Some("text") => Format::Text,
+            Some("json") => Format::Json(
+                f.get("subject_token_field_name")
+                    .and_then(Value::as_str)
+                    .filter(|n| !n.is_empty())
+                    .ok_or_else(|| {
+                        source_error("\"format\" json needs \"subject_token_field_name\"")
+                    })?
+                    .to_owned(),
+            ),
+            Some(_) => {
+                return Err(source_error(
+                    "\"format\" \"type\" must be \"text\" or \"json\"",
+                ));
+            }
+        },
+    };
+    let source = if let Some(file) = source.get("file").and_then(Value::as_str) {
+        CredentialSource::File {
+            path: file.into(),
+            format,
+        }
+    } else if let Some(u) = source.get("url").and_then(Value::as_str) {
+        let url = url::Url::parse(u)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .ok_or_else(|| source_error("\"url\" is not an http(s) URL"))?;
+        let headers = source
+            .get("headers")
+            .and_then(Value::as_object)
+            .map(|h| {
+                h.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        CredentialSource::Url {
+            url,
+            headers,
+            format,
+        }
+    } else if source.contains_key("executable") {
+        return Err(source_error(
+            "\"executable\" sources are not supported; use a file or url source",
+        ));
+    } else if source.contains_key("environment_id") {
+        return Err(source_error(
+            "AWS (\"environment_id\") sources are not supported; use a file or url source",
+        ));
+    } else {
+        return Err(source_error("needs \"file\" or \"url\""));
+    };
+    Ok(ExternalAccount {
+        audience,
+        subject_token_type,
+        token_url,
+        source,
+        impersonation_url,
+        lifetime: std::time::Duration::from_secs(lifetime),
     })
 }

@@ -1342,8 +1342,9 @@ fn google_key_files_are_checked_naming_the_field() {
     let mut j = base.clone();
     j["type"] = "external_account".into();
     write("wif.json", j);
+    // An external_account file is read for its own fields.
     let p = problems_in(&dir, &with("wif.json"));
-    assert!(p[0].contains("external_account"), "{p:?}");
+    assert!(p[0].contains("\"audience\" is missing"), "{p:?}");
     std::fs::write(dir.path().join("junk.json"), "{not json").unwrap();
     let p = problems_in(&dir, &with("junk.json"));
     assert!(p[0].contains("is not a JSON object"), "{p:?}");

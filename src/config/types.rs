@@ -184,6 +184,9 @@ pub enum Grant {
     JwtBearer(Assertion),
     /// RFC 8693: a subject token (and maybe an actor token) for a token.
     TokenExchange(Exchange),
+    /// Google workload identity federation from an `external_account`
+    /// file: an STS exchange, then service account impersonation if named.
+    GoogleFederation(PathBuf),
 }
 
 /// Where a JWT bearer grant's assertion comes from.
@@ -434,7 +437,7 @@ impl Config {
                 Grant::JwtBearer(Assertion::File(p)) => {
                     out.push((key("assertion_file"), p.clone()))
                 }
-                Grant::JwtBearer(Assertion::Google(p)) => {
+                Grant::JwtBearer(Assertion::Google(p)) | Grant::GoogleFederation(p) => {
                     out.push((key("google_credentials_file"), p.clone()))
                 }
                 Grant::TokenExchange(x) => {

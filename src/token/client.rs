@@ -306,6 +306,17 @@ impl Client {
     pub async fn fetch(&self) -> Result<Parsed, FetchError> {
         let http = self.http()?;
         let url = self.token_url(&http).await?;
+        if let super::grant::Grant::GoogleFederation(file) = &self.grant {
+            let steps = super::federation::Steps {
+                http: &http,
+                sts_url: &url,
+                file,
+                scopes: &self.scopes,
+                timeout: self.timeout,
+                default_lifetime: self.default_lifetime,
+            };
+            return steps.fetch().await;
+        }
         let key = self.dpop_key();
         let (result, retry) = self.fetch_once(&http, &url, key.as_deref()).await;
         let result = match (retry, &self.dpop) {
@@ -692,12 +703,15 @@ pub fn basic_auth(id: &str, secret: &str, encoding: BasicEncoding) -> HeaderValu
     value
 }
 
-enum ReadError {
+pub(super) enum ReadError {
     TooLarge,
     Transport(reqwest::Error),
 }
 
-async fn read_bounded(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, ReadError> {
+pub(super) async fn read_bounded(
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, ReadError> {
     if response.content_length().is_some_and(|n| n > max as u64) {
         return Err(ReadError::TooLarge);
     }

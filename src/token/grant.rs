@@ -35,6 +35,8 @@ pub enum Grant {
         /// The store of the subject profile, for a chain.
         subject: Option<Arc<Store>>,
     },
+    /// Not a single form request: see [`super::federation`].
+    GoogleFederation(std::path::PathBuf),
 }
 
 /// The grant's parameters for one request, and for a chain when the
@@ -53,6 +55,7 @@ impl Grant {
                 exchange: x.clone(),
                 subject: None,
             },
+            config::Grant::GoogleFederation(p) => Grant::GoogleFederation(p.clone()),
         }
     }
 
@@ -76,7 +79,7 @@ impl Grant {
         match self {
             Grant::ClientCredentials => "client_credentials",
             Grant::JwtBearer(_) => JWT_BEARER,
-            Grant::TokenExchange { .. } => TOKEN_EXCHANGE,
+            Grant::TokenExchange { .. } | Grant::GoogleFederation(_) => TOKEN_EXCHANGE,
         }
     }
 
@@ -107,7 +110,7 @@ impl Grant {
         let mut params = Vec::new();
         let mut subject_expires = None;
         match self {
-            Grant::ClientCredentials => {}
+            Grant::ClientCredentials | Grant::GoogleFederation(_) => {}
             Grant::JwtBearer(a) => params.push(("assertion", assertion(a, token_url, scopes)?)),
             Grant::TokenExchange { exchange, subject } => {
                 let token = match (&exchange.subject, subject) {

@@ -8,6 +8,7 @@
 
 pub mod assertion;
 pub mod client;
+pub mod federation;
 pub mod grant;
 pub mod observe;
 pub mod refresh;

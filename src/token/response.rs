@@ -52,6 +52,13 @@ pub enum FetchError {
     /// A chain's subject profile had no token to exchange.
     #[error("{0}")]
     Subject(String),
+    /// One step of several failed (workload identity federation: the STS
+    /// exchange, the impersonation).
+    #[error("{step}: {source}")]
+    Step {
+        step: &'static str,
+        source: Box<FetchError>,
+    },
 }
 
 fn describe(error: &Option<String>, description: &Option<String>) -> String {
@@ -74,6 +81,7 @@ impl FetchError {
             FetchError::InvalidResponse(_) => "invalid_response",
             FetchError::Discovery(_) => "discovery",
             FetchError::Subject(_) => "subject",
+            FetchError::Step { source, .. } => source.reason(),
             FetchError::Rejected { error, .. } => match error.as_deref() {
                 Some("invalid_request") => "invalid_request",
                 Some("invalid_client") => "invalid_client",
@@ -97,6 +105,7 @@ impl FetchError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             FetchError::Rejected { retry_after, .. } => *retry_after,
+            FetchError::Step { source, .. } => source.retry_after(),
             _ => None,
         }
     }

@@ -125,10 +125,14 @@ impl Validator<'_> {
                     "not used with google_credentials_file (the file names the key, its id and the client email)",
                 ) || stray;
                 let path = self.path(p.google_credentials_file.as_deref().unwrap_or_default());
-                match crate::google::service_account(&path) {
-                    Ok(sa) => (
+                match crate::google::read(&path) {
+                    Ok(crate::google::Credentials::ServiceAccount(sa)) => (
                         Some(Grant::JwtBearer(Assertion::Google(path))).filter(|_| !stray),
                         Some((sa.token_uri, sa.client_email)),
+                    ),
+                    Ok(crate::google::Credentials::External(x)) => (
+                        Some(Grant::GoogleFederation(path)).filter(|_| !stray),
+                        Some((x.token_url, String::new())),
                     ),
                     Err(e) => {
                         self.problem(key("google_credentials_file"), e.to_string());
