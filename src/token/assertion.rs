@@ -37,6 +37,23 @@ pub fn client_assertion(
     alg: Alg,
     key_id: Option<&str>,
 ) -> Result<Secret, KeyError> {
+    let claims = serde_json::json!({
+        "iss": client_id,
+        "sub": client_id,
+        "aud": audience,
+    });
+    jwt(claims, LIFETIME_SECS, signer, alg, key_id)
+}
+
+/// Signs `claims` plus `iat`, `exp` (`lifetime` seconds later) and a fresh
+/// random `jti` as a compact JWS (`typ` JWT, `kid` when given).
+pub fn jwt(
+    mut claims: serde_json::Value,
+    lifetime: u64,
+    signer: Signer<'_>,
+    alg: Alg,
+    key_id: Option<&str>,
+) -> Result<Secret, KeyError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -45,18 +62,13 @@ pub fn client_assertion(
     SystemRandom::new()
         .fill(&mut jti)
         .map_err(|_| KeyError::Sign)?;
+    claims["jti"] = B64.encode(jti).into();
+    claims["iat"] = now.into();
+    claims["exp"] = (now + lifetime).into();
     let mut header = serde_json::json!({ "alg": alg.as_str(), "typ": "JWT" });
     if let Some(kid) = key_id {
         header["kid"] = kid.into();
     }
-    let claims = serde_json::json!({
-        "iss": client_id,
-        "sub": client_id,
-        "aud": audience,
-        "jti": B64.encode(jti),
-        "iat": now,
-        "exp": now + LIFETIME_SECS,
-    });
     let mut jws = format!(
         "{}.{}",
         B64.encode(header.to_string()),

@@ -527,84 +527,53 @@ impl Client {
             .map_err(|e| self.transport_error(e))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = read_bounded(response, MAX_BODY)
-            .await
-            .map_err(|e| match e {
-                ReadError::TooLarge => {
-                    FetchError::InvalidResponse(format!("body larger than {MAX_BODY} bytes"))
-                }
-                ReadError::Transport(e) if e.is_timeout() => FetchError::Timeout(self.timeout),
-                ReadError::Transport(e) => FetchError::Interrupted(errors::chain(&e.without_url())),
-            })?;
+        let body = read_body(response, self.timeout).await?;
         Ok((status, headers, body, prepared.subject_expires))
     }
 
     /// Without the URL: the error reaches 503 bodies, and the app is not
     /// to learn the token endpoint.
     fn transport_error(&self, e: reqwest::Error) -> FetchError {
-        if e.is_timeout() {
-            FetchError::Timeout(self.timeout)
-        } else {
-            FetchError::Connect(errors::chain(&e.without_url()))
-        }
+        transport_error(self.timeout, e)
     }
 }
 
-/// A `Retry-After` value (RFC 9110 §10.2.3): delay-seconds, or an
-/// IMF-fixdate taken relative to `now` (a date already past is no delay).
-/// Anything else is ignored, as if the header were absent.
+/// A failed exchange with a token endpoint (or a step of one), without the
+/// URL: the error reaches 503 bodies, and the app is not to learn it.
+pub(super) fn transport_error(timeout: Duration, e: reqwest::Error) -> FetchError {
+    if e.is_timeout() {
+        FetchError::Timeout(timeout)
+    } else {
+        FetchError::Connect(errors::chain(&e.without_url()))
+    }
+}
+
+/// A response body, refused past [`MAX_BODY`].
+pub(super) async fn read_body(
+    response: reqwest::Response,
+    timeout: Duration,
+) -> Result<Vec<u8>, FetchError> {
+    read_bounded(response, MAX_BODY).await.map_err(|e| match e {
+        ReadError::TooLarge => {
+            FetchError::InvalidResponse(format!("body larger than {MAX_BODY} bytes"))
+        }
+        ReadError::Transport(e) if e.is_timeout() => FetchError::Timeout(timeout),
+        ReadError::Transport(e) => FetchError::Interrupted(errors::chain(&e.without_url())),
+    })
+}
+
+/// A `Retry-After` value (RFC 9110 §10.2.3): delay-seconds, or an HTTP
+/// date (IMF-fixdate, or the obsolete forms RFC 9110 §5.6.7 says to accept)
+/// taken relative to `now` (a date already past is no delay). Anything else
+/// is ignored, as if the header were absent.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
         // Too many digits to fit is still "a long time"; the caller caps it.
         return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
     }
-    let at = parse_imf_fixdate(value)?;
+    let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
-}
-
-/// `Sun, 06 Nov 1994 08:49:37 GMT`, the only date form RFC 9110 requires
-/// senders to use.
-fn parse_imf_fixdate(s: &str) -> Option<SystemTime> {
-    let (_weekday, rest) = s.split_once(", ")?;
-    let mut parts = rest.split(' ');
-    let (day, month, year, time, zone) = (
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-        parts.next()?,
-    );
-    if parts.next().is_some() || zone != "GMT" || day.len() != 2 || year.len() != 4 {
-        return None;
-    }
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let month = MONTHS.iter().position(|m| *m == month)? as i64 + 1;
-    let num = |t: &str| -> Option<i64> {
-        t.bytes()
-            .all(|b| b.is_ascii_digit())
-            .then(|| t.parse().ok())
-            .flatten()
-    };
-    let (day, year) = (num(day)?, num(year)?);
-    let mut hms = time.split(':');
-    let (h, m, sec) = (num(hms.next()?)?, num(hms.next()?)?, num(hms.next()?)?);
-    if hms.next().is_some() || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
-        return None;
-    }
-    // Days since the epoch from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + m * 60 + sec;
-    let secs = u64::try_from(secs).ok()?;
-    UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
 /// The metadata URLs to try for `issuer`: RFC 8414 first (the well-known
@@ -703,15 +672,12 @@ pub fn basic_auth(id: &str, secret: &str, encoding: BasicEncoding) -> HeaderValu
     value
 }
 
-pub(super) enum ReadError {
+enum ReadError {
     TooLarge,
     Transport(reqwest::Error),
 }
 
-pub(super) async fn read_bounded(
-    mut response: reqwest::Response,
-    max: usize,
-) -> Result<Vec<u8>, ReadError> {
+async fn read_bounded(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, ReadError> {
     if response.content_length().is_some_and(|n| n > max as u64) {
         return Err(ReadError::TooLarge);
     }
@@ -788,7 +754,8 @@ mod tests {
             ("1.5", None),
             ("soon", None),
             ("Thu, 26 Nov 2026 02:00:30 UTC", None),
-            ("Thursday, 26-Nov-26 02:00:30 GMT", None),
+            // RFC 850's obsolete form, which recipients must still accept.
+            ("Thursday, 26-Nov-26 02:00:30 GMT", Some(30)),
             ("Thu, 26 Foo 2026 02:00:30 GMT", None),
             ("Thu, 26 Nov 2026 25:00:30 GMT", None),
             ("Thu, 26 Nov 2026 02:00 GMT", None),

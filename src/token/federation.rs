@@ -9,11 +9,10 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::errors;
 use crate::google::{CredentialSource, ExternalAccount, Format};
 use crate::secret::Secret;
 
-use super::client::{MAX_BODY, ReadError, read_bounded};
+use super::client::{read_body, transport_error};
 use super::grant::TOKEN_EXCHANGE;
 use super::response::{self, Expect, FetchError, Parsed};
 
@@ -79,9 +78,12 @@ impl Steps<'_> {
                 for (name, value) in headers {
                     request = request.header(name.as_str(), value.as_str());
                 }
-                let response = request.send().await.map_err(|e| self.transport(e))?;
+                let response = request
+                    .send()
+                    .await
+                    .map_err(|e| transport_error(self.timeout, e))?;
                 let status = response.status().as_u16();
-                let body = self.body(response).await?;
+                let body = read_body(response, self.timeout).await?;
                 if !(200..300).contains(&status) {
                     return Err(FetchError::Rejected {
                         status,
@@ -140,14 +142,14 @@ impl Steps<'_> {
             .body(form)
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| transport_error(self.timeout, e))?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| super::client::parse_retry_after(v, SystemTime::now()));
-        let body = self.body(response).await?;
+        let body = read_body(response, self.timeout).await?;
         response::parse_as(
             status,
             &body,
@@ -191,9 +193,9 @@ impl Steps<'_> {
             .body(body.to_string())
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| transport_error(self.timeout, e))?;
         let status = response.status().as_u16();
-        let body = self.body(response).await?;
+        let body = read_body(response, self.timeout).await?;
         let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
         if !(200..300).contains(&status) {
             // Google's error shape: {"error": {"code", "message", "status"}}.
@@ -230,24 +232,6 @@ impl Steps<'_> {
             issued: None,
             dpop: None,
         })
-    }
-
-    async fn body(&self, response: reqwest::Response) -> Result<Vec<u8>, FetchError> {
-        read_bounded(response, MAX_BODY).await.map_err(|e| match e {
-            ReadError::TooLarge => {
-                FetchError::InvalidResponse(format!("body larger than {MAX_BODY} bytes"))
-            }
-            ReadError::Transport(e) if e.is_timeout() => FetchError::Timeout(self.timeout),
-            ReadError::Transport(e) => FetchError::Interrupted(errors::chain(&e.without_url())),
-        })
-    }
-
-    fn transport(&self, e: reqwest::Error) -> FetchError {
-        if e.is_timeout() {
-            FetchError::Timeout(self.timeout)
-        } else {
-            FetchError::Connect(errors::chain(&e.without_url()))
-        }
     }
 }
 

@@ -6,16 +6,12 @@
 //! is a new arm here, not an edit through the token client or the loop.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use ring::rand::{SecureRandom, SystemRandom};
+use std::time::Duration;
 
 use crate::config::{self, Assertion, Exchange, Subject};
 use crate::secret::Secret;
 
-use super::assertion::SigningKey;
+use super::assertion::{Signer, SigningKey, jwt};
 use super::{FetchError, Store};
 
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -179,7 +175,14 @@ fn assertion(a: &Assertion, token_url: &str, scopes: &str) -> Result<Secret, Fet
                 "sub": subject,
                 "aud": audience.as_deref().unwrap_or(token_url),
             });
-            sign(&key, alg, key_id.as_deref(), claims).map_err(key_error)
+            jwt(
+                claims,
+                ASSERTION_LIFETIME_SECS,
+                Signer::Key(&key),
+                alg,
+                key_id.as_deref(),
+            )
+            .map_err(key_error)
         }
         Assertion::Google(path) => {
             // Read at every request: a rotated key file is used at once.
@@ -192,45 +195,14 @@ fn assertion(a: &Assertion, token_url: &str, scopes: &str) -> Result<Secret, Fet
                 "scope": scopes,
                 "aud": token_url,
             });
-            sign(
-                &sa.key,
+            jwt(
+                claims,
+                ASSERTION_LIFETIME_SECS,
+                Signer::Key(&sa.key),
                 crate::keys::Alg::RS256,
                 Some(&sa.private_key_id),
-                claims,
             )
             .map_err(|e| FetchError::Secret(format!("google_credentials_file: {e}")))
         }
     }
-}
-
-/// Signs `claims` plus `iat`, `exp` and a fresh `jti` as a compact JWS.
-fn sign(
-    key: &SigningKey,
-    alg: crate::keys::Alg,
-    key_id: Option<&str>,
-    mut claims: serde_json::Value,
-) -> Result<Secret, crate::keys::KeyError> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let mut jti = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut jti)
-        .map_err(|_| crate::keys::KeyError::Sign)?;
-    claims["iat"] = now.into();
-    claims["exp"] = (now + ASSERTION_LIFETIME_SECS).into();
-    claims["jti"] = B64.encode(jti).into();
-    let mut header = serde_json::json!({ "alg": alg.as_str(), "typ": "JWT" });
-    if let Some(kid) = key_id {
-        header["kid"] = kid.into();
-    }
-    let mut jws = format!(
-        "{}.{}",
-        B64.encode(header.to_string()),
-        B64.encode(claims.to_string())
-    );
-    let signature = key.sign(alg, jws.as_bytes())?;
-    jws.push('.');
-    jws.push_str(&B64.encode(signature));
-    Ok(Secret::new(jws))
 }
