@@ -202,10 +202,9 @@ pub fn htu(scheme: &str, host: &str, port: Option<u16>, path: &str) -> String {
 /// [`htu`] into `out` (cleared first), for a reused buffer.
 pub fn write_htu(out: &mut String, scheme: &str, host: &str, port: Option<u16>, path: &str) {
     out.clear();
-    let start = out.len();
     out.push_str(scheme);
-    out[start..].make_ascii_lowercase();
-    let default = match &out[start..] {
+    out.make_ascii_lowercase();
+    let default = match out.as_str() {
         "https" => Some(443),
         "http" => Some(80),
         _ => None,
@@ -349,12 +348,13 @@ impl ProfileKey {
         let Some(path) = &self.file else {
             return Arc::clone(&current.0);
         };
-        let digest = std::fs::read(path)
-            .ok()
-            .map(|b| ring::digest::digest(&ring::digest::SHA256, &zeroize::Zeroizing::new(b)));
+        // The file's state: the hash of its bytes, or of none when it
+        // cannot be read, so an unreadable file is also logged once.
+        let bytes = zeroize::Zeroizing::new(std::fs::read(path).unwrap_or_default());
+        let digest = Some(ring::digest::digest(&ring::digest::SHA256, &bytes));
         let changed = match (&digest, &current.1) {
             (Some(d), Some(c)) => d.as_ref() != c.as_ref(),
-            (None, _) | (Some(_), None) => true,
+            _ => true,
         };
         if changed {
             match load(path, self.alg) {
@@ -426,10 +426,33 @@ impl Server {
         (now + self.skew.load(Ordering::Relaxed)).max(0) as u64
     }
 
-    /// The server refused a proof: if its `Date` is far from our clock,
-    /// its clock is used for its later proofs. Whether that changed (then
-    /// a new proof may succeed).
-    pub fn learn_skew(&self, date: Option<&[u8]>, who: &str) -> bool {
+    /// The server refused a proof for `why`, answering with `nonce` and
+    /// `date` (its `DPoP-Nonce` and `Date`): keeps what it said, and says
+    /// whether a new proof can pass: it gave a nonce to use, or its clock is
+    /// far from ours (and is used from now on). Callers resend a request
+    /// at most once, so requests refused together all resend, and none
+    /// loops.
+    pub fn refused(
+        &self,
+        why: Refusal,
+        nonce: Option<&[u8]>,
+        date: Option<&[u8]>,
+        who: &str,
+    ) -> bool {
+        let changed = self.note_nonce(nonce);
+        let given = nonce
+            .and_then(|n| std::str::from_utf8(n).ok())
+            .is_some_and(valid_nonce);
+        match why {
+            Refusal::UseNonce => given,
+            Refusal::InvalidProof => changed || self.learn_skew(date, who),
+        }
+    }
+
+    /// A refused proof's `Date`: when far from our clock, the server's
+    /// clock is used for its later proofs (logged when the offset changes).
+    /// Whether it is far.
+    fn learn_skew(&self, date: Option<&[u8]>, who: &str) -> bool {
         let Some(at) = date
             .and_then(|d| std::str::from_utf8(d).ok())
             .and_then(|d| httpdate::parse_http_date(d).ok())
@@ -441,14 +464,40 @@ impl Server {
             Ok(ahead) => ahead.as_secs() as i64,
             Err(behind) => -(behind.duration().as_secs() as i64),
         };
-        let old = self.skew.load(Ordering::Relaxed);
-        if (skew - old).abs() < SKEW_TOLERANCE {
-            return false;
+        let off = skew.abs() >= SKEW_TOLERANCE;
+        let learned = if off { skew } else { 0 };
+        let old = self.skew.swap(learned, Ordering::Relaxed);
+        if (learned - old).abs() >= SKEW_TOLERANCE {
+            tracing::warn!(server = %who, skew_s = learned, "a DPoP proof was refused and the server's clock differs from ours; proofs to it use its clock");
         }
-        let skew = if skew.abs() < SKEW_TOLERANCE { 0 } else { skew };
-        self.skew.store(skew, Ordering::Relaxed);
-        tracing::warn!(server = %who, skew_s = skew, "a DPoP proof was refused and the server's clock differs from ours; proofs to it use its clock");
-        true
+        off
+    }
+}
+
+/// Why a server refused a proof (RFC 9449 §5, §7.1, §8, §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `use_dpop_nonce`: the proof needs the server's nonce.
+    UseNonce,
+    /// `invalid_dpop_proof`.
+    InvalidProof,
+}
+
+impl Refusal {
+    /// From an OAuth error code.
+    pub fn from_code(code: &str) -> Option<Self> {
+        match code {
+            "use_dpop_nonce" => Some(Refusal::UseNonce),
+            "invalid_dpop_proof" => Some(Refusal::InvalidProof),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::UseNonce => "use_dpop_nonce",
+            Refusal::InvalidProof => "invalid_dpop_proof",
+        }
     }
 }
 

@@ -283,6 +283,17 @@ fn external(
             }
         },
     };
+    // AWS sources carry a `url` too: recognise them first.
+    if source.contains_key("environment_id") {
+        return Err(source_error(
+            "AWS (\"environment_id\") sources are not supported; use a file or url source",
+        ));
+    }
+    if source.contains_key("executable") {
+        return Err(source_error(
+            "\"executable\" sources are not supported; use a file or url source",
+        ));
+    }
     let source = if let Some(file) = source.get("file").and_then(Value::as_str) {
         CredentialSource::File {
             path: file.into(),
@@ -307,14 +318,6 @@ fn external(
             headers,
             format,
         }
-    } else if source.contains_key("executable") {
-        return Err(source_error(
-            "\"executable\" sources are not supported; use a file or url source",
-        ));
-    } else if source.contains_key("environment_id") {
-        return Err(source_error(
-            "AWS (\"environment_id\") sources are not supported; use a file or url source",
-        ));
     } else {
         return Err(source_error("needs \"file\" or \"url\""));
     };

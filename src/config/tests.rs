@@ -1425,3 +1425,44 @@ fn token_exchange_and_chains_are_checked() {
         assert!(!p.is_empty() && p[0].starts_with(want), "{keys}: {p:?}");
     }
 }
+
+#[test]
+fn google_files_refuse_what_they_would_ignore() {
+    let dir = dir_with_secret();
+    let wif = serde_json::json!({
+        "type": "external_account",
+        "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k",
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "token_url": "https://sts.googleapis.com/v1/token",
+        "credential_source": { "file": "/var/run/secrets/tokens/gcp" },
+    });
+    std::fs::write(dir.path().join("wif.json"), wif.to_string()).unwrap();
+    let base = "grant = \"jwt_bearer\"\ngoogle_credentials_file = \"wif.json\"";
+    assert!(problems_in(&dir, &grant_config(base)).is_empty());
+    for (extra, key) in [
+        ("dpop = true", "profiles.p.dpop:"),
+        ("audience = \"x\"", "profiles.p.audience:"),
+        (
+            "client_secret_file = \"secret\"",
+            "profiles.p.client_secret_file:",
+        ),
+    ] {
+        let p = problems_in(&dir, &grant_config(&format!("{base}\n{extra}")));
+        assert!(
+            p.iter()
+                .any(|l| l.starts_with(key) && l.contains("not used with an external_account")),
+            "{extra}: {p:?}"
+        );
+    }
+    let mut bad = wif.clone();
+    bad["credential_source"] = serde_json::json!({ "executable": { "command": "x" } });
+    std::fs::write(dir.path().join("exec.json"), bad.to_string()).unwrap();
+    let p = problems_in(
+        &dir,
+        &grant_config("grant = \"jwt_bearer\"\ngoogle_credentials_file = \"exec.json\""),
+    );
+    assert!(
+        p[0].contains("\"executable\" sources are not supported"),
+        "{p:?}"
+    );
+}

@@ -15,7 +15,7 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 
 use super::authorize::{Authorize, Verdict};
-use crate::dpop::{Claims, Server};
+use crate::dpop::{Claims, Refusal, Server};
 use crate::metrics::DpopMetrics;
 use crate::token::Token;
 
@@ -93,26 +93,20 @@ impl Authorize for Dpop {
     }
 
     fn observe(&self, status: StatusCode, headers: &HeaderMap) -> Verdict {
-        let fresh_nonce = self
-            .server
-            .note_nonce(headers.get(&DPOP_NONCE).map(HeaderValue::as_bytes));
+        let nonce = headers.get(&DPOP_NONCE).map(HeaderValue::as_bytes);
         if status != StatusCode::UNAUTHORIZED {
+            self.server.note_nonce(nonce);
             return Verdict::Fine;
         }
-        match dpop_error(headers) {
-            Some(DpopError::UseNonce) if fresh_nonce => Verdict::Resend("use_dpop_nonce"),
-            Some(DpopError::InvalidProof)
-                if fresh_nonce
-                    || self.server.learn_skew(
-                        headers.get(header::DATE).map(HeaderValue::as_bytes),
-                        &self.label,
-                    ) =>
-            {
-                Verdict::Resend("invalid_dpop_proof")
-            }
-            Some(DpopError::UseNonce) => Verdict::ProofRefused("use_dpop_nonce"),
-            Some(DpopError::InvalidProof) => Verdict::ProofRefused("invalid_dpop_proof"),
-            None => Verdict::Fine,
+        let Some(why) = dpop_error(headers) else {
+            self.server.note_nonce(nonce);
+            return Verdict::Fine;
+        };
+        let date = headers.get(header::DATE).map(HeaderValue::as_bytes);
+        if self.server.refused(why, nonce, date, &self.label) {
+            Verdict::Resend(why.as_str())
+        } else {
+            Verdict::ProofRefused(why.as_str())
         }
     }
 
@@ -125,35 +119,71 @@ impl Authorize for Dpop {
     }
 }
 
-enum DpopError {
-    UseNonce,
-    InvalidProof,
-}
-
-/// The DPoP error of a `WWW-Authenticate: DPoP error="…"` challenge (RFC
-/// 9449 §7.1, §9), if the upstream refused the proof rather than the token.
-fn dpop_error(headers: &HeaderMap) -> Option<DpopError> {
+/// The `error` of a `DPoP` challenge in `WWW-Authenticate` (RFC 9449 §7.1,
+/// §9), when it refuses the proof rather than the token. A header may hold
+/// several challenges (`Bearer realm="x", DPoP error="use_dpop_nonce"`).
+fn dpop_error(headers: &HeaderMap) -> Option<Refusal> {
     headers
         .get_all(header::WWW_AUTHENTICATE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .find_map(|v| {
-            let (scheme, params) = v.trim_start().split_once(' ')?;
-            if !scheme.eq_ignore_ascii_case("dpop") {
-                return None;
-            }
-            let lower = params.to_ascii_lowercase();
-            if lower.contains("error=\"use_dpop_nonce\"") || lower.contains("error=use_dpop_nonce")
-            {
-                Some(DpopError::UseNonce)
-            } else if lower.contains("error=\"invalid_dpop_proof\"")
-                || lower.contains("error=invalid_dpop_proof")
-            {
-                Some(DpopError::InvalidProof)
-            } else {
-                None
-            }
+            challenges(v)
+                .into_iter()
+                .find(|(scheme, _)| scheme.eq_ignore_ascii_case("dpop"))
+                .and_then(|(_, error)| Refusal::from_code(error?))
         })
+}
+
+/// Each challenge of a `WWW-Authenticate` value (RFC 9110 §11.6.1): its
+/// scheme and its `error` parameter, if any. Quoted strings may hold
+/// commas and `=`; a malformed rest is ignored.
+fn challenges(v: &str) -> Vec<(&str, Option<&str>)> {
+    let mut out: Vec<(&str, Option<&str>)> = Vec::new();
+    let mut rest = v.trim_start();
+    while !rest.is_empty() {
+        // A token, then either `=` (a parameter of the current challenge)
+        // or not (a new scheme).
+        let end = rest
+            .find(|c: char| c == '=' || c == ',' || c.is_ascii_whitespace())
+            .unwrap_or(rest.len());
+        let token = &rest[..end];
+        rest = rest[end..].trim_start();
+        if let Some(after) = rest.strip_prefix('=') {
+            let after = after.trim_start();
+            let (value, tail) = if let Some(q) = after.strip_prefix('"') {
+                // A quoted string: up to the closing quote, escapes skipped.
+                let mut close = None;
+                let mut escaped = false;
+                for (i, c) in q.char_indices() {
+                    match (escaped, c) {
+                        (true, _) => escaped = false,
+                        (false, '\\') => escaped = true,
+                        (false, '"') => {
+                            close = Some(i);
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                let Some(i) = close else { break };
+                (&q[..i], &q[i + 1..])
+            } else {
+                let e = after.find([',', ' ']).unwrap_or(after.len());
+                (&after[..e], &after[e..])
+            };
+            if token.eq_ignore_ascii_case("error")
+                && let Some(last) = out.last_mut()
+            {
+                last.1.get_or_insert(value);
+            }
+            rest = tail.trim_start();
+        } else if !token.is_empty() {
+            out.push((token, None));
+        }
+        rest = rest.trim_start_matches([',', ' ', '\t']);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -274,8 +304,15 @@ mod tests {
         };
         let (s, h) = demand("n1");
         assert_eq!(d.observe(s, &h), Verdict::Resend("use_dpop_nonce"));
-        // The same nonce again: a new proof would not help.
+        // The same nonce again (a request sent before the first demand came
+        // back): its resend carries it. Each request resends once at most.
         let (s, h) = demand("n1");
+        assert_eq!(d.observe(s, &h), Verdict::Resend("use_dpop_nonce"));
+        // A demand without a nonce to use: nothing to resend with.
+        let (s, h) = answer(
+            401,
+            &[("www-authenticate", "DPoP error=\"use_dpop_nonce\"")],
+        );
         assert_eq!(d.observe(s, &h), Verdict::ProofRefused("use_dpop_nonce"));
         let (s, h) = answer(
             401,
@@ -293,6 +330,34 @@ mod tests {
             &[("www-authenticate", "Bearer error=\"use_dpop_nonce\"")],
         );
         assert_eq!(d.observe(s, &h), Verdict::Fine);
+    }
+
+    #[test]
+    fn challenges_are_read_whole() {
+        let error = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::WWW_AUTHENTICATE, v.parse().unwrap());
+            dpop_error(&h)
+        };
+        assert_eq!(
+            error(r#"Bearer realm="x, y", DPoP error="use_dpop_nonce""#),
+            Some(Refusal::UseNonce)
+        );
+        assert_eq!(
+            error(r#"dpop algs="ES256", error = invalid_dpop_proof"#),
+            Some(Refusal::InvalidProof)
+        );
+        // Words inside another parameter are not the error.
+        assert_eq!(
+            error(r#"DPoP error="invalid_token", error_description="not use_dpop_nonce""#),
+            None
+        );
+        assert_eq!(
+            error(r#"Bearer error="use_dpop_nonce", DPoP algs="ES256""#),
+            None
+        );
+        assert_eq!(error(r#"DPoP error="use_dpop_nonce"#), None, "unterminated");
+        assert_eq!(error(""), None);
     }
 
     #[test]
@@ -319,7 +384,17 @@ mod tests {
             (iat as i64 - (now as i64 + 600)).abs() <= 2,
             "{iat} vs {now}"
         );
-        // Learned once: the same answer again is a refusal, not a loop.
+        // A server whose clock agrees refuses for another reason: no resend.
+        let (s, h) = answer(
+            401,
+            &[
+                ("www-authenticate", "DPoP error=\"invalid_dpop_proof\""),
+                (
+                    "date",
+                    &httpdate::fmt_http_date(std::time::SystemTime::now()),
+                ),
+            ],
+        );
         assert_eq!(
             d.observe(s, &h),
             Verdict::ProofRefused("invalid_dpop_proof")

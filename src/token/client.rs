@@ -194,11 +194,24 @@ impl Client {
             return std::future::pending().await;
         };
         let mut attempts = store.attempts();
+        // The subject token the held token came from: the one this replica
+        // exchanged, or (a token adopted from the shared cache) the one in
+        // the subject's store now.
+        let used = *self
+            .subject_used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| {
+                store
+                    .current()
+                    .map_or_else(tokio::time::Instant::now, |t| t.expires_at())
+            });
         loop {
-            let used = *self.subject_used.lock().unwrap_or_else(|p| p.into_inner());
-            if let (Some(t), Some(used)) = (store.current(), used)
+            if let Some(t) = store.current()
                 && t.expires_at() != used
             {
+                // Fired once per subject token, whoever renews after it.
+                *self.subject_used.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.expires_at());
                 return;
             }
             if attempts.changed().await.is_err() {
@@ -382,6 +395,7 @@ impl Client {
                     }
                     parsed
                 });
+                let nonce = headers.get("dpop-nonce").map(|v| v.as_bytes());
                 let retry = match (&self.dpop, &result) {
                     (
                         Some(dpop),
@@ -390,22 +404,20 @@ impl Client {
                             error: Some(e),
                             ..
                         }),
-                    ) => {
-                        let nonce = dpop
-                            .server
-                            .note_nonce(headers.get("dpop-nonce").map(|v| v.as_bytes()));
-                        match e.as_str() {
-                            "use_dpop_nonce" => nonce,
-                            "invalid_dpop_proof" => {
-                                let date = headers.get(http::header::DATE).map(|v| v.as_bytes());
-                                nonce || dpop.server.learn_skew(date, &self.profile)
-                            }
-                            _ => false,
+                    ) => match crate::dpop::Refusal::from_code(e) {
+                        Some(why) => dpop.server.refused(
+                            why,
+                            nonce,
+                            headers.get(http::header::DATE).map(|v| v.as_bytes()),
+                            &self.profile,
+                        ),
+                        None => {
+                            dpop.server.note_nonce(nonce);
+                            false
                         }
-                    }
+                    },
                     (Some(dpop), _) => {
-                        dpop.server
-                            .note_nonce(headers.get("dpop-nonce").map(|v| v.as_bytes()));
+                        dpop.server.note_nonce(nonce);
                         false
                     }
                     (None, _) => false,

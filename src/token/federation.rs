@@ -116,7 +116,9 @@ impl Steps<'_> {
     async fn exchange(&self, x: &ExternalAccount, subject: &Secret) -> Result<Parsed, FetchError> {
         // To impersonate, the STS token needs cloud-platform; otherwise
         // it is the token the API gets, with the profile's scopes.
-        let scope = if x.impersonation_url.is_some() {
+        // Google's STS wants a scope; cloud-platform, as Google's own
+        // libraries default to, when the profile has none.
+        let scope = if x.impersonation_url.is_some() || self.scopes.is_empty() {
             CLOUD_PLATFORM
         } else {
             self.scopes
@@ -129,9 +131,7 @@ impl Steps<'_> {
                 .append_pair("requested_token_type", ACCESS_TOKEN)
                 .append_pair("subject_token", subject.expose())
                 .append_pair("subject_token_type", &x.subject_token_type);
-            if !scope.is_empty() {
-                form.append_pair("scope", scope);
-            }
+            form.append_pair("scope", scope);
             form.finish()
         };
         let response = self
@@ -224,7 +224,8 @@ impl Steps<'_> {
             })?;
         let lifetime = expires
             .duration_since(SystemTime::now())
-            .map_err(|_| FetchError::InvalidResponse("expireTime is already past".into()))?;
+            .map_err(|_| FetchError::InvalidResponse("expireTime is already past".into()))?
+            .min(response::MAX_LIFETIME);
         Ok(Parsed {
             access_token: Secret::new(token),
             lifetime,

@@ -119,7 +119,12 @@ impl Grant {
                             ))
                         })?;
                         subject_expires = Some(token.expires_at());
-                        Secret::new(token.value().to_str().unwrap_or_default().to_owned())
+                        let value = token.value().to_str().map_err(|_| {
+                            FetchError::Subject(format!(
+                                "subject profile {name:?} holds a token that is not visible ASCII"
+                            ))
+                        })?;
+                        Secret::new(value.to_owned())
                     }
                     (Subject::Profile(name), None) => {
                         return Err(FetchError::Subject(format!(

@@ -126,14 +126,49 @@ impl Validator<'_> {
                 ) || stray;
                 let path = self.path(p.google_credentials_file.as_deref().unwrap_or_default());
                 match crate::google::read(&path) {
-                    Ok(crate::google::Credentials::ServiceAccount(sa)) => (
-                        Some(Grant::JwtBearer(Assertion::Google(path))).filter(|_| !stray),
-                        Some((sa.token_uri, sa.client_email)),
-                    ),
-                    Ok(crate::google::Credentials::External(x)) => (
-                        Some(Grant::GoogleFederation(path)).filter(|_| !stray),
-                        Some((x.token_url, String::new())),
-                    ),
+                    Ok(crate::google::Credentials::ServiceAccount(sa)) => {
+                        let mut stray = stray;
+                        if p.scopes.as_ref().is_none_or(|s| s.is_empty()) {
+                            self.problem(
+                                key("scopes"),
+                                "missing; Google gives a service account's token only for the scopes asked",
+                            );
+                            stray = true;
+                        }
+                        (
+                            Some(Grant::JwtBearer(Assertion::Google(path))).filter(|_| !stray),
+                            Some((sa.token_uri, sa.client_email)),
+                        )
+                    }
+                    Ok(crate::google::Credentials::External(x)) => {
+                        // The file says all the two steps send; a key that
+                        // would be silently ignored is refused.
+                        let mut stray = stray;
+                        for (k, set) in [
+                            ("auth_method", p.auth_method.is_some()),
+                            ("client_id", p.client_id.is_some()),
+                            ("client_secret_file", p.client_secret_file.is_some()),
+                            ("client_secret_env", p.client_secret_env.is_some()),
+                            ("client_cert_file", p.client_cert_file.is_some()),
+                            ("audience", p.audience.is_some()),
+                            ("resources", p.resources.is_some()),
+                            ("extra_params", p.extra_params.is_some()),
+                            ("token_headers", p.token_headers.is_some()),
+                            ("dpop", p.dpop == Some(true)),
+                        ] {
+                            if set {
+                                self.problem(
+                                    key(k),
+                                    "not used with an external_account google_credentials_file (the file says what each step sends; Google's tokens are not DPoP-bound)",
+                                );
+                                stray = true;
+                            }
+                        }
+                        (
+                            Some(Grant::GoogleFederation(path)).filter(|_| !stray),
+                            Some((x.token_url, String::new())),
+                        )
+                    }
                     Err(e) => {
                         self.problem(key("google_credentials_file"), e.to_string());
                         (None, None)
