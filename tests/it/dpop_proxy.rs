@@ -472,3 +472,32 @@ async fn a_broken_key_file_at_reload_keeps_the_key_in_use() {
             .all(|e| e.outcome.as_ref().unwrap().jkt == jkt)
     );
 }
+
+/// Requests sent together before the upstream's first nonce demand came
+/// back: each is refused with the nonce and resends once with it, so the
+/// app sees only 200s (not just the first to learn the nonce).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_refused_for_a_nonce_all_resend() {
+    let w = World::new(Mode::Issue(300.0)).await;
+    let jkt = write_dpop_key(w.dir.path());
+    let (upstream, _, log) =
+        strict(&w, &jkt, false, |v| v.nonce(Nonce::Require("n-c".into()))).await;
+    let run = w.start(&config(&w, &upstream, "")).await;
+    let client = proxied_client(run.proxy_addr());
+    // The token first, so the 16 go out together.
+    run.store("main").unwrap().get(WAIT).await.unwrap();
+    let answers =
+        join_all((0..16).map(|i| client.get(format!("http://api.test/{i}")).send())).await;
+    for a in answers {
+        assert_eq!(a.unwrap().status(), 200);
+    }
+    let entries = log.entries();
+    let refused = entries.iter().filter(|e| e.outcome.is_err()).count();
+    assert_eq!(
+        entries.len(),
+        16 + refused,
+        "one resend per refused request"
+    );
+    assert!(refused >= 1);
+    assert_eq!(w.tokens.state.count(), 1);
+}

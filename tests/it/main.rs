@@ -13,6 +13,8 @@ mod dpop;
 mod dpop_proxy;
 mod dpop_server;
 mod google;
+mod google_wif;
+mod grants;
 mod grpc;
 mod hostile_requests;
 mod hostile_tokens;

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 pub mod dpop_server;
 pub mod google;
+pub mod google_sts;
 // Only the fleet tests (tests/fleet, tests/bin/fleet.rs) start Redis.
 #[allow(dead_code)]
 pub mod redis;
@@ -240,6 +241,15 @@ async fn token_handler(s: Arc<TokenState>, req: Request<Incoming>) -> Response<B
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let form: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
+    // A token exchange is answered with its issued_token_type (RFC 8693).
+    let issued_type = if form
+        .iter()
+        .any(|(k, v)| k == "grant_type" && v.ends_with(":token-exchange"))
+    {
+        r#","issued_token_type":"urn:ietf:params:oauth:token-type:access_token""#
+    } else {
+        ""
+    };
     *s.last_authorization.lock().unwrap() = auth;
     *s.last_form.lock().unwrap() = form;
     let n = s.requests.fetch_add(1, Ordering::SeqCst) + 1;
@@ -261,7 +271,7 @@ async fn token_handler(s: Arc<TokenState>, req: Request<Incoming>) -> Response<B
             json(
                 200,
                 &format!(
-                    r#"{{"access_token":"{token}","token_type":"{token_type}","expires_in":{lifetime}}}"#
+                    r#"{{"access_token":"{token}","token_type":"{token_type}","expires_in":{lifetime}{issued_type}}}"#
                 ),
             )
         }
@@ -290,7 +300,7 @@ async fn token_handler(s: Arc<TokenState>, req: Request<Incoming>) -> Response<B
             json(
                 200,
                 &format!(
-                    r#"{{"access_token":"{token}","token_type":"{token_type}","expires_in":{lifetime}}}"#
+                    r#"{{"access_token":"{token}","token_type":"{token_type}","expires_in":{lifetime}{issued_type}}}"#
                 ),
             )
         }
