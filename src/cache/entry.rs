@@ -189,12 +189,54 @@ fn identity(p: &Profile) -> String {
     // Another grant gets another token for the same client: its settings
     // (files by path, issuer, subject, token types; never a secret) are
     // part of the name. Client credentials keep the names they had.
-    if p.grant != crate::config::Grant::ClientCredentials
-        && let Some(a) = id.as_array_mut()
-    {
-        a.push(format!("{:?}", p.grant).into());
+    if let (Some(grant), Some(a)) = (grant_identity(&p.grant), id.as_array_mut()) {
+        a.push(grant);
     }
     id.to_string()
+}
+
+/// A grant's part of the name, spelled out so that it stays the same from
+/// one version to the next; `None` for client credentials.
+fn grant_identity(grant: &crate::config::Grant) -> Option<serde_json::Value> {
+    use crate::config::{Assertion, Grant, Subject};
+    use serde_json::json;
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    Some(match grant {
+        Grant::ClientCredentials => return None,
+        Grant::JwtBearer(Assertion::Signed {
+            key_file,
+            alg,
+            key_id,
+            issuer,
+            subject,
+            audience,
+        }) => json!([
+            "jwt_bearer",
+            "signed",
+            path(key_file),
+            alg.map(|a| a.as_str()),
+            key_id,
+            issuer,
+            subject,
+            audience
+        ]),
+        Grant::JwtBearer(Assertion::File(f)) => json!(["jwt_bearer", "file", path(f)]),
+        Grant::JwtBearer(Assertion::Google(f)) => json!(["jwt_bearer", "google", path(f)]),
+        Grant::GoogleFederation(f) => json!(["google_federation", path(f)]),
+        Grant::TokenExchange(x) => {
+            let subject = match &x.subject {
+                Subject::File(f) => json!(["file", path(f)]),
+                Subject::Profile(name) => json!(["profile", name]),
+            };
+            json!([
+                "token_exchange",
+                subject,
+                x.subject_token_type,
+                x.actor.as_ref().map(|(f, t)| json!([path(f), t])),
+                x.requested_token_type
+            ])
+        }
+    })
 }
 
 #[cfg(test)]
@@ -246,6 +288,33 @@ mod tests {
             base,
             Keys::new(&[8; 32]).entry_id(&profile("scopes = [\"a\", \"b\"]"), &[])
         );
+    }
+
+    #[test]
+    fn other_grants_have_names_of_their_own() {
+        let keys = Keys::new(&[7; 32]);
+        let base = keys.entry_id(&profile(""), &[]);
+        let exchange = |t: &str| {
+            profile(&format!(
+                "grant = \"token_exchange\"\nsubject_token_file = \"s\"\nsubject_token_type = \"urn:ietf:params:oauth:token-type:{t}\""
+            ))
+        };
+        let (jwt, access) = (exchange("jwt"), exchange("access_token"));
+        let ids = [
+            keys.entry_id(&jwt, &[]),
+            keys.entry_id(&access, &[]),
+            keys.entry_id(
+                &profile("grant = \"jwt_bearer\"\nassertion_file = \"s\""),
+                &[],
+            ),
+        ];
+        for id in &ids {
+            assert_ne!(*id, base);
+        }
+        assert_ne!(ids[0], ids[1], "another subject token type");
+        // Spelled out, not Debug: the names do not follow the code's types.
+        assert!(!identity(&jwt).contains("TokenExchange"));
+        assert!(identity(&jwt).contains("urn:ietf:params:oauth:token-type:jwt"));
     }
 
     #[test]
