@@ -362,9 +362,7 @@ impl Proxy {
                 let verdict = route
                     .authorize
                     .observe(response.status(), response.headers());
-                if let Verdict::Resend(why) | Verdict::ProofRefused(why) = verdict {
-                    route.authorize.refused(why);
-                } else if refuses_token(&response) {
+                if !proof_refused(route, verdict) && refuses_token(&response) {
                     // The body is gone, so no retry (gRPC calls land here),
                     // but the next request must not carry the refused token.
                     // Rate-limited like the retry path's refetch.
@@ -409,9 +407,8 @@ impl Proxy {
                 .authorize
                 .observe(response.status(), response.headers());
         }
-        if let Verdict::Resend(why) | Verdict::ProofRefused(why) = verdict {
+        if proof_refused(route, verdict) {
             // Never drop a token for its proof: a new token would not help.
-            route.authorize.refused(why);
             return Ok(response);
         }
         if response.status() != StatusCode::UNAUTHORIZED {
@@ -443,12 +440,12 @@ impl Proxy {
             )
             .await?;
         // Learn a nonce for later requests; no third attempt.
-        if let Verdict::Resend(why) | Verdict::ProofRefused(why) = route
-            .authorize
-            .observe(response.status(), response.headers())
-        {
-            route.authorize.refused(why);
-        }
+        proof_refused(
+            route,
+            route
+                .authorize
+                .observe(response.status(), response.headers()),
+        );
         Ok(response)
     }
 
@@ -772,6 +769,18 @@ async fn replayable(body: Incoming, limit: usize) -> Result<Replay, Error> {
                 )
             }),
         _ => Ok(Replay::Stream(body)),
+    }
+}
+
+/// Whether `verdict` says the upstream refused the route's proof rather than
+/// its token (counted: the request is not sent again after this).
+fn proof_refused(route: &Route, verdict: Verdict) -> bool {
+    match verdict {
+        Verdict::Fine => false,
+        Verdict::Resend(why) | Verdict::ProofRefused(why) => {
+            route.authorize.refused(why);
+            true
+        }
     }
 }
 
