@@ -770,18 +770,14 @@ profile = "google"
             Err(e) => e,
         };
         let lines = err.lines();
-        let prefix = "profiles.google.google_credentials_file:";
-        let named: Vec<&String> = lines.iter().filter(|l| l.starts_with(prefix)).collect();
-        if named.is_empty() {
-            failures.push(format!("{what}: no line starts with {prefix}\n{lines:#?}"));
-        }
         // One problem, one line: a broken file is not also a missing
         // token_url (the file's token_uri could not be read).
-        if named.len() != lines.len() {
-            failures.push(format!(
-                "{what}: lines about other keys than the file:\n{lines:#?}"
-            ));
-        }
+        let named = lines_about(
+            &mut failures,
+            what,
+            &lines,
+            "profiles.google.google_credentials_file:",
+        );
         if let Some(field) = field {
             let quoted = format!("\"{field}\"");
             if !named.iter().any(|l| l.contains(&quoted)) {

@@ -10,10 +10,11 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
-use crate::support::google::{CLOUD_PLATFORM, STORAGE_READ};
+use crate::support::google::{CLOUD_PLATFORM, STORAGE_READ, lines_about};
 use crate::support::google_sts::*;
 use crate::support::{
     Pki, direct_client, error_kind, eventually, proxied_client, scrape, start_in, test_sections,
+    write_atomically,
 };
 
 const CREDS: &str = "gcp-wif.json";
@@ -1326,16 +1327,12 @@ profile = "gcp"
             Err(e) => e,
         };
         let lines = err.lines();
-        let prefix = "profiles.gcp.google_credentials_file:";
-        let named: Vec<&String> = lines.iter().filter(|l| l.starts_with(prefix)).collect();
-        if named.is_empty() {
-            failures.push(format!("{what}: no line starts with {prefix}\n{lines:#?}"));
-        }
-        if named.len() != lines.len() {
-            failures.push(format!(
-                "{what}: lines about other keys than the file:\n{lines:#?}"
-            ));
-        }
+        let named = lines_about(
+            &mut failures,
+            what,
+            &lines,
+            "profiles.gcp.google_credentials_file:",
+        );
         if !named.iter().any(|l| l.contains(field)) {
             failures.push(format!("{what}: no line names {field}:\n{lines:#?}"));
         }

@@ -7,159 +7,20 @@
 //! Needs `node` and `npm ci --prefix tests/interop` (done by `.ci/run`); a
 //! missing Node fails the test loudly.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::support::oidc::*;
 use crate::support::*;
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-const API: &str = "https://api.test";
-
-/// The oidc-provider child process; killed on drop.
-struct Provider {
-    child: Child,
-    issuer: String,
-}
-
-impl Drop for Provider {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn interop_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
-}
-
-fn start_provider(dir: &Path, no_rfc8414: bool) -> Provider {
-    assert!(
-        interop_dir().join("node_modules/oidc-provider").exists(),
-        "oidc-provider is not installed: run `npm ci --prefix tests/interop` (bash .ci/run does)"
-    );
-    let mut cmd = Command::new("node");
-    cmd.arg(interop_dir().join("oidc.mjs"))
-        .arg(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if no_rfc8414 {
-        cmd.env("OIDC_FIXTURE_NO_RFC8414", "1");
-    }
-    let mut child = cmd
-        .spawn()
-        .expect("cannot run `node`: Node.js is required for the interop tests");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let ready: serde_json::Value = serde_json::from_str(&line)
-        .unwrap_or_else(|_| panic!("oidc fixture did not start: {line:?}"));
-    Provider {
-        child,
-        issuer: ready["issuer"].as_str().unwrap().to_owned(),
-    }
-}
-
-/// Writes the fixture's TLS files: server cert for localhost, the CA, and a
-/// client certificate for tls_client_auth.
-fn write_tls_files(pki: &Pki, dir: &Path) {
-    let (cert, key) = pki.leaf_pem(&["localhost"]);
-    std::fs::write(dir.join("server.pem"), cert).unwrap();
-    std::fs::write(dir.join("server.key"), key).unwrap();
-    pki.write_ca(dir);
-    let (cert, key) = pki.leaf_pem(&["tls-client.test"]);
-    std::fs::write(dir.join("client.pem"), cert).unwrap();
-    std::fs::write(dir.join("client.key"), key).unwrap();
-}
-
-/// The provider's RSA signing keys from its JWKS, by kid.
-async fn fetch_jwks(issuer: &str, ca: &Path) -> Vec<(String, Vec<u8>, Vec<u8>)> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
-    let client = reqwest::Client::builder()
-        .add_root_certificate(ca)
-        .no_proxy()
-        .build()
-        .unwrap();
-    let jwks: serde_json::Value = serde_json::from_slice(
-        &client
-            .get(format!("{issuer}/jwks"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    jwks["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|k| k["kty"] == "RSA")
-        .map(|k| {
-            let b = |f: &str| B64.decode(k[f].as_str().unwrap()).unwrap();
-            (k["kid"].as_str().unwrap_or("").to_owned(), b("n"), b("e"))
-        })
-        .collect()
-}
-
-/// Verifies an RS256 JWT access token; returns its claims or why not.
-fn verify_jwt(
-    token: &str,
-    keys: &[(String, Vec<u8>, Vec<u8>)],
-    issuer: &str,
-) -> Result<serde_json::Value, String> {
-    let mut parts = token.split('.');
-    let (h, p, s) = match (parts.next(), parts.next(), parts.next()) {
-        (Some(h), Some(p), Some(s)) => (h, p, s),
-        _ => return Err("not a JWT".into()),
-    };
-    let header: serde_json::Value =
-        serde_json::from_slice(&B64.decode(h).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    if header["alg"] != "RS256" {
-        return Err(format!("alg {}", header["alg"]));
-    }
-    let kid = header["kid"].as_str().unwrap_or("");
-    let (_, n, e) = keys
-        .iter()
-        .find(|(k, _, _)| k == kid)
-        .ok_or("unknown kid")?;
-    let sig = B64.decode(s).map_err(|e| e.to_string())?;
-    ring::signature::RsaPublicKeyComponents { n, e }
-        .verify(
-            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-            format!("{h}.{p}").as_bytes(),
-            &sig,
-        )
-        .map_err(|_| "bad signature".to_owned())?;
-    let claims: serde_json::Value =
-        serde_json::from_slice(&B64.decode(p).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    if claims["exp"].as_u64().unwrap_or(0) <= now {
-        return Err("expired".into());
-    }
-    if claims["aud"] != API
-        && !claims["aud"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|x| x == API))
-    {
+/// Verifies an RS256 JWT access token for [`API`] with scope `read`;
+/// returns its claims or why not.
+fn verify_jwt(token: &str, keys: &Keys, issuer: &str) -> Result<serde_json::Value, String> {
+    let (_, claims) = verify_access_token(token, keys, issuer)?;
+    if !has_audience(&claims, API) {
         return Err(format!("aud {}", claims["aud"]));
-    }
-    if claims["iss"] != issuer {
-        return Err(format!("iss {}", claims["iss"]));
     }
     let scope = claims["scope"].as_str().unwrap_or("");
     if !scope.split(' ').any(|s| s == "read") {
@@ -170,11 +31,7 @@ fn verify_jwt(
 
 /// An HTTPS upstream that answers 200 with the token's `client_id` only
 /// for a valid JWT access token, else 401 with the reason.
-async fn jwt_upstream(
-    pki: &Pki,
-    keys: Vec<(String, Vec<u8>, Vec<u8>)>,
-    issuer: String,
-) -> std::net::SocketAddr {
+async fn jwt_upstream(pki: &Pki, keys: Keys, issuer: String) -> std::net::SocketAddr {
     let keys = Arc::new(keys);
     serve(
         Some(pki.server_config(&["localhost"])),
@@ -250,7 +107,7 @@ async fn every_auth_method_against_oidc_provider() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     write_tls_files(&pki, dir.path());
-    let provider = start_provider(dir.path(), false);
+    let provider = start_provider(dir.path(), &[]);
     let issuer = provider.issuer.clone();
     let keys = fetch_jwks(&issuer, &dir.path().join("ca.pem")).await;
     assert!(!keys.is_empty());
@@ -360,7 +217,7 @@ async fn discovery_falls_back_to_openid_configuration() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     write_tls_files(&pki, dir.path());
-    let provider = start_provider(dir.path(), true);
+    let provider = start_provider(dir.path(), &[("OIDC_FIXTURE_NO_RFC8414", Some("1"))]);
     let issuer = provider.issuer.clone();
     let keys = fetch_jwks(&issuer, &dir.path().join("ca.pem")).await;
     let upstream = jwt_upstream(&pki, keys, issuer.clone()).await.port();
@@ -388,7 +245,7 @@ async fn wrong_secret_is_reported_with_the_servers_reason() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     write_tls_files(&pki, dir.path());
-    let provider = start_provider(dir.path(), false);
+    let provider = start_provider(dir.path(), &[]);
     std::fs::write(dir.path().join("bad-secret"), "not-the-secret\n").unwrap();
     let text = format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",

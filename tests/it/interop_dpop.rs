@@ -12,12 +12,10 @@
 //! Needs `node` and `npm ci --prefix tests/interop`, like tests/it/interop.rs.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::support::oidc::*;
 use crate::support::*;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD as B64};
@@ -26,70 +24,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{Value, json as j};
 
-const API: &str = "https://api.test";
-
-/// The provider's RSA signing keys: (kid, n, e).
-type Keys = Vec<(String, Vec<u8>, Vec<u8>)>;
-
-/// The oidc-provider child process; killed on drop.
-struct Provider {
-    child: Child,
-    issuer: String,
-}
-
-impl Drop for Provider {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn interop_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
-}
-
-/// Starts the fixture; `require_nonce` sets `OIDC_FIXTURE_DPOP_NONCE=1`.
-fn start_provider(dir: &Path, require_nonce: bool) -> Provider {
-    assert!(
-        interop_dir().join("node_modules/oidc-provider").exists(),
-        "oidc-provider is not installed: run `npm ci --prefix tests/interop` (bash .ci/run does)"
-    );
-    let mut cmd = Command::new("node");
-    cmd.arg(interop_dir().join("oidc.mjs"))
-        .arg(dir)
-        .env_remove("OIDC_FIXTURE_NO_RFC8414")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if require_nonce {
-        cmd.env("OIDC_FIXTURE_DPOP_NONCE", "1");
-    } else {
-        cmd.env_remove("OIDC_FIXTURE_DPOP_NONCE");
-    }
-    let mut child = cmd
-        .spawn()
-        .expect("cannot run `node`: Node.js is required for the interop tests");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let ready: Value = serde_json::from_str(&line)
-        .unwrap_or_else(|_| panic!("oidc fixture did not start: {line:?}"));
-    Provider {
-        child,
-        issuer: ready["issuer"].as_str().unwrap().to_owned(),
-    }
-}
-
-/// The fixture's TLS files (server cert for localhost, the CA) and the
-/// client certificate for tls_client_auth; plus the client secrets.
+/// The client secrets of the fixture's clients, beside its TLS files.
 fn write_files(pki: &Pki, dir: &Path) {
-    let (cert, key) = pki.leaf_pem(&["localhost"]);
-    std::fs::write(dir.join("server.pem"), cert).unwrap();
-    std::fs::write(dir.join("server.key"), key).unwrap();
-    pki.write_ca(dir);
-    let (cert, key) = pki.leaf_pem(&["tls-client.test"]);
-    std::fs::write(dir.join("client.pem"), cert).unwrap();
-    std::fs::write(dir.join("client.key"), key).unwrap();
+    write_tls_files(pki, dir);
     std::fs::write(dir.join("basic-secret"), "basic-secret\n").unwrap();
     std::fs::write(dir.join("post-secret"), "p:o+s%t/&x y\n").unwrap();
     std::fs::write(
@@ -99,96 +36,13 @@ fn write_files(pki: &Pki, dir: &Path) {
     .unwrap();
 }
 
-/// The provider's RSA signing keys from its JWKS.
-async fn fetch_jwks(issuer: &str, ca: &Path) -> Keys {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
-    let client = reqwest::Client::builder()
-        .add_root_certificate(ca)
-        .no_proxy()
-        .build()
-        .unwrap();
-    let body = client
-        .get(format!("{issuer}/jwks"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let jwks: Value = serde_json::from_slice(&body).unwrap();
-    let keys: Keys = jwks["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|k| k["kty"] == "RSA")
-        .map(|k| {
-            let b = |f: &str| B64.decode(k[f].as_str().unwrap()).unwrap();
-            (k["kid"].as_str().unwrap_or("").to_owned(), b("n"), b("e"))
-        })
-        .collect();
-    assert!(!keys.is_empty(), "no RSA key in the provider's JWKS");
-    keys
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// A compact JWS's (header, payload, signing input, signature).
-fn split_jws(jws: &str) -> Result<(Value, Value, String, Vec<u8>), String> {
-    let mut parts = jws.split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("not a compact JWS".into());
-    };
-    let json = |part: &str, what: &str| -> Result<Value, String> {
-        let bytes = B64.decode(part).map_err(|e| format!("{what}: {e}"))?;
-        serde_json::from_slice(&bytes).map_err(|e| format!("{what}: {e}"))
-    };
-    let sig = B64.decode(s).map_err(|e| format!("signature: {e}"))?;
-    Ok((
-        json(h, "header")?,
-        json(p, "payload")?,
-        format!("{h}.{p}"),
-        sig,
-    ))
-}
-
-/// Verifies the provider's RS256 JWT access token; returns its claims.
-fn verify_access_token(token: &str, keys: &Keys, issuer: &str) -> Result<Value, String> {
-    let (header, claims, input, sig) = split_jws(token)?;
-    if header["alg"] != "RS256" {
-        return Err(format!("access token alg {}", header["alg"]));
-    }
-    let kid = header["kid"].as_str().unwrap_or("");
-    let (_, n, e) = keys
-        .iter()
-        .find(|(k, _, _)| k == kid)
-        .ok_or("access token: unknown kid")?;
-    ring::signature::RsaPublicKeyComponents { n, e }
-        .verify(
-            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-            input.as_bytes(),
-            &sig,
-        )
-        .map_err(|_| "access token: bad signature".to_owned())?;
-    if claims["exp"].as_u64().unwrap_or(0) <= now() {
-        return Err("access token expired".into());
-    }
-    if claims["aud"] != API
-        && !claims["aud"]
-            .as_array()
-            .is_some_and(|a| a.contains(&j!(API)))
-    {
+/// Verifies the provider's RS256 JWT access token for [`API`]; returns its
+/// claims.
+fn verify_dpop_access_token(token: &str, keys: &Keys, issuer: &str) -> Result<Value, String> {
+    let (_, claims) =
+        verify_access_token(token, keys, issuer).map_err(|e| format!("access token: {e}"))?;
+    if !has_audience(&claims, API) {
         return Err(format!("access token aud {}", claims["aud"]));
-    }
-    if claims["iss"] != issuer {
-        return Err(format!("access token iss {}", claims["iss"]));
     }
     Ok(claims)
 }
@@ -280,7 +134,7 @@ fn check_request(
     let token = authorization
         .strip_prefix("DPoP ")
         .ok_or_else(|| format!("Authorization scheme is not DPoP: {authorization:.12}…"))?;
-    let claims = verify_access_token(token, keys, issuer)?;
+    let claims = verify_dpop_access_token(token, keys, issuer)?;
     let [proof] = proofs else {
         return Err(format!("{} DPoP headers", proofs.len()));
     };
@@ -486,9 +340,15 @@ async fn dpop_every_auth_method_against_oidc_provider() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     write_files(&pki, dir.path());
-    let provider = start_provider(dir.path(), false);
+    let provider = start_provider(
+        dir.path(),
+        &[
+            ("OIDC_FIXTURE_NO_RFC8414", None),
+            ("OIDC_FIXTURE_DPOP_NONCE", None),
+        ],
+    );
     let issuer = provider.issuer.clone();
-    let keys = fetch_jwks(&issuer, &dir.path().join("ca.pem")).await;
+    let keys = fetch_signing_keys(&issuer, &dir.path().join("ca.pem")).await;
     let upstream = dpop_upstream(&pki, keys, issuer.clone()).await;
 
     let mut text = test_sections("2s");
@@ -580,24 +440,20 @@ fn pkcs8_pem(der: &[u8]) -> String {
     pem
 }
 
-/// The DER inside a one-block PEM file.
-fn pem_der(pem: &str) -> Vec<u8> {
-    let b64: String = pem
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect::<Vec<_>>()
-        .concat();
-    STANDARD.decode(b64).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dpop_key_file_binds_tokens_to_that_key() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     write_files(&pki, dir.path());
-    let provider = start_provider(dir.path(), false);
+    let provider = start_provider(
+        dir.path(),
+        &[
+            ("OIDC_FIXTURE_NO_RFC8414", None),
+            ("OIDC_FIXTURE_DPOP_NONCE", None),
+        ],
+    );
     let issuer = provider.issuer.clone();
-    let keys = fetch_jwks(&issuer, &dir.path().join("ca.pem")).await;
+    let keys = fetch_signing_keys(&issuer, &dir.path().join("ca.pem")).await;
     let upstream = dpop_upstream(&pki, keys, issuer.clone()).await;
 
     // EC P-256, PKCS#8 (rcgen's default key).
@@ -699,9 +555,15 @@ async fn dpop_nonce_required_by_provider() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     write_files(&pki, dir.path());
-    let provider = start_provider(dir.path(), true);
+    let provider = start_provider(
+        dir.path(),
+        &[
+            ("OIDC_FIXTURE_NO_RFC8414", None),
+            ("OIDC_FIXTURE_DPOP_NONCE", Some("1")),
+        ],
+    );
     let issuer = provider.issuer.clone();
-    let keys = fetch_jwks(&issuer, &dir.path().join("ca.pem")).await;
+    let keys = fetch_signing_keys(&issuer, &dir.path().join("ca.pem")).await;
     let upstream = dpop_upstream(&pki, keys, issuer.clone()).await;
 
     // Every method: the provider authenticates the client before it looks

@@ -11,22 +11,20 @@
 //! Needs `node` and `npm ci --prefix tests/interop`, like tests/it/interop.rs.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use crate::support::oidc::*;
 use crate::support::*;
 use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD as B64};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use http::Request;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{Value, json as j};
 
-const API: &str = "https://api.test";
 const TT_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 const TT_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 /// The `iss` the fixture wants in assertions signed with bearer-*.pem.
@@ -34,141 +32,20 @@ const BEARER_ISSUER: &str = "bearer-issuer";
 /// The `iss` the fixture wants in "external" JWTs signed with subject-ec.pem.
 const SUBJECT_ISSUER: &str = "subject-issuer";
 
-/// The provider's RSA signing keys: (kid, n, e).
-type Keys = Vec<(String, Vec<u8>, Vec<u8>)>;
-
-/// The oidc-provider child process; killed on drop.
-struct Provider {
-    child: Child,
-    issuer: String,
-}
-
-impl Drop for Provider {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn interop_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
-}
-
-fn start_provider(dir: &Path, env: &[(&str, &str)]) -> Provider {
-    assert!(
-        interop_dir().join("node_modules/oidc-provider").exists(),
-        "oidc-provider is not installed: run `npm ci --prefix tests/interop` (bash .ci/run does)"
-    );
-    let mut cmd = Command::new("node");
-    cmd.arg(interop_dir().join("oidc.mjs"))
-        .arg(dir)
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child = cmd
-        .spawn()
-        .expect("cannot run `node`: Node.js is required for the interop tests");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let ready: Value = serde_json::from_str(&line)
-        .unwrap_or_else(|_| panic!("oidc fixture did not start: {line:?}"));
-    Provider {
-        child,
-        issuer: ready["issuer"].as_str().unwrap().to_owned(),
-    }
-}
-
-/// The fixture's TLS files (server cert for localhost, the CA, a client
-/// certificate for tls_client_auth) and the client secrets.
+/// The client secrets of the fixture's clients, beside its TLS files.
 fn write_files(pki: &Pki, dir: &Path) {
-    let (cert, key) = pki.leaf_pem(&["localhost"]);
-    std::fs::write(dir.join("server.pem"), cert).unwrap();
-    std::fs::write(dir.join("server.key"), key).unwrap();
-    pki.write_ca(dir);
-    let (cert, key) = pki.leaf_pem(&["tls-client.test"]);
-    std::fs::write(dir.join("client.pem"), cert).unwrap();
-    std::fs::write(dir.join("client.key"), key).unwrap();
+    write_tls_files(pki, dir);
     std::fs::write(dir.join("bearer-basic-secret"), "bearer-basic-secret\n").unwrap();
     std::fs::write(dir.join("exchange-basic-secret"), "exchange-basic-secret\n").unwrap();
     std::fs::write(dir.join("short-secret"), "short-secret\n").unwrap();
 }
 
-/// The provider's RSA signing keys from its JWKS.
-async fn fetch_jwks(issuer: &str, ca: &Path) -> Keys {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
-    let client = reqwest::Client::builder()
-        .add_root_certificate(ca)
-        .no_proxy()
-        .build()
-        .unwrap();
-    let body = client
-        .get(format!("{issuer}/jwks"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let jwks: Value = serde_json::from_slice(&body).unwrap();
-    let keys: Keys = jwks["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|k| k["kty"] == "RSA")
-        .map(|k| {
-            let b = |f: &str| B64.decode(k[f].as_str().unwrap()).unwrap();
-            (k["kid"].as_str().unwrap_or("").to_owned(), b("n"), b("e"))
-        })
-        .collect();
-    assert!(!keys.is_empty(), "no RSA key in the provider's JWKS");
-    keys
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 /// Verifies an access token of the provider (RS256 against its JWKS, `iss`,
 /// `exp`, `typ`); returns its claims. `aud` is left to each test.
-fn verify_access_token(token: &str, keys: &Keys, issuer: &str) -> Result<Value, String> {
-    let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("not a compact JWS".into());
-    };
-    let json = |part: &str| -> Result<Value, String> {
-        serde_json::from_slice(&B64.decode(part).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())
-    };
-    let (header, claims) = (json(h)?, json(p)?);
-    if header["alg"] != "RS256" || header["typ"] != "at+jwt" {
+fn verify_at_jwt(token: &str, keys: &Keys, issuer: &str) -> Result<Value, String> {
+    let (header, claims) = verify_access_token(token, keys, issuer)?;
+    if header["typ"] != "at+jwt" {
         return Err(format!("header {header}"));
-    }
-    let kid = header["kid"].as_str().unwrap_or("");
-    let (_, n, e) = keys
-        .iter()
-        .find(|(k, _, _)| k == kid)
-        .ok_or("unknown kid")?;
-    let sig = B64.decode(s).map_err(|e| e.to_string())?;
-    ring::signature::RsaPublicKeyComponents { n, e }
-        .verify(
-            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-            format!("{h}.{p}").as_bytes(),
-            &sig,
-        )
-        .map_err(|_| "bad signature".to_owned())?;
-    if claims["exp"].as_u64().unwrap_or(0) <= now() {
-        return Err("expired".into());
-    }
-    if claims["iss"] != issuer {
-        return Err(format!("iss {}", claims["iss"]));
     }
     Ok(claims)
 }
@@ -193,7 +70,7 @@ async fn claims_upstream(pki: &Pki, keys: Keys, issuer: String) -> u16 {
                 let _ = req.into_body().collect().await;
                 let result = match auth.split_once(' ') {
                     Some((scheme, token)) => {
-                        verify_access_token(token, &keys, &issuer).map(|c| (scheme.to_owned(), c))
+                        verify_at_jwt(token, &keys, &issuer).map(|c| (scheme.to_owned(), c))
                     }
                     None => Err(format!("no token: {auth:?}")),
                 };
@@ -209,16 +86,6 @@ async fn claims_upstream(pki: &Pki, keys: Keys, issuer: String) -> u16 {
     )
     .await
     .port()
-}
-
-/// The DER inside a one-block PEM file.
-fn pem_der(pem: &str) -> Vec<u8> {
-    let b64: String = pem
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect::<Vec<_>>()
-        .concat();
-    STANDARD.decode(b64).unwrap()
 }
 
 /// An ES256 JWT with `claims`, signed here (not by the proxy's code) with
@@ -304,7 +171,7 @@ async fn jwt_bearer_against_oidc_provider() {
     write_files(&pki, dir.path());
     let provider = start_provider(dir.path(), &[]);
     let issuer = provider.issuer.clone();
-    let keys = fetch_jwks(&issuer, &dir.path().join("ca.pem")).await;
+    let keys = fetch_signing_keys(&issuer, &dir.path().join("ca.pem")).await;
     let upstream = claims_upstream(&pki, keys, issuer.clone()).await;
 
     // A ready-made assertion, as another system would mount it: signed
@@ -458,9 +325,9 @@ async fn token_exchange_against_oidc_provider() {
     let dir = tempfile::tempdir().unwrap();
     write_files(&pki, dir.path());
     // The `short` client's tokens live 4 s, so the chain renews in the test.
-    let provider = start_provider(dir.path(), &[("OIDC_FIXTURE_SHORT_TTL", "4")]);
+    let provider = start_provider(dir.path(), &[("OIDC_FIXTURE_SHORT_TTL", Some("4"))]);
     let issuer = provider.issuer.clone();
-    let keys = fetch_jwks(&issuer, &dir.path().join("ca.pem")).await;
+    let keys = fetch_signing_keys(&issuer, &dir.path().join("ca.pem")).await;
     let upstream = claims_upstream(&pki, keys, issuer.clone()).await;
 
     // A Kubernetes-style ServiceAccount token and an actor's token, both

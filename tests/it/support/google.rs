@@ -33,20 +33,18 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD as B64_STD, URL_SAFE_NO_PAD as B64};
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ring::signature::{self, KeyPair as _, UnparsedPublicKey};
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::{BoxBody, Pki, full, serve};
+use super::{BoxBody, Pki, full, header_of, random, read_body, serve, wait_on};
 
 /// The grant type Google's service account flow uses (RFC 7523 §2.1).
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -236,14 +234,6 @@ pub fn key_file(key: &Key, client_email: &str, token_uri: &str) -> String {
     format!("{{\n{}\n}}\n", body.join(",\n"))
 }
 
-/// Writes `text` to `path` the way a rotation should land: a new file
-/// renamed over the old one, so a reader never sees half of it.
-pub fn write_atomically(path: &Path, text: &str) {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// What the fake does with an assertion that passed every check.
 #[derive(Clone, Debug)]
 pub enum Answer {
@@ -402,19 +392,15 @@ impl GoogleTokenServer {
     /// Waits until the requests received so far satisfy `done`, checking
     /// at each new request, at most `within`.
     pub async fn wait_for(&self, within: Duration, what: &str, done: impl Fn(&[Received]) -> bool) {
-        let mut rx = self.state.count.subscribe();
-        let state = Arc::clone(&self.state);
-        let waited = tokio::time::timeout(
+        wait_on(
+            "Google token fake",
+            &self.state.count,
+            &self.state.received,
             within,
-            rx.wait_for(|_| done(&state.received.lock().unwrap())),
+            what,
+            done,
         )
         .await;
-        if waited.is_err() {
-            panic!(
-                "Google token fake: {what}: not within {within:?}; received:\n{:#?}",
-                self.received()
-            );
-        }
     }
 
     /// Waits until at least `n` requests have arrived.
@@ -469,17 +455,8 @@ fn invalid_request(description: &str) -> Outcome {
 
 async fn handle(s: Arc<State>, req: Request<Incoming>) -> Response<BoxBody> {
     let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let header = |n: &str| {
-        parts
-            .headers
-            .get(n)
-            .map(|v| v.to_str().unwrap_or("?").to_owned())
-    };
+    let body = read_body(body).await;
+    let header = |n: &str| header_of(&parts.headers, n);
     let mut rec = Received {
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
@@ -497,12 +474,7 @@ async fn handle(s: Arc<State>, req: Request<Incoming>) -> Response<BoxBody> {
             let answer = s.answer.lock().unwrap().clone();
             match answer {
                 Answer::Issue(expires_in) => {
-                    let access_token = format!(
-                        "ya29.c.{}",
-                        std::iter::repeat_with(fastrand::alphanumeric)
-                            .take(120)
-                            .collect::<String>()
-                    );
+                    let access_token = format!("ya29.c.{}", random(120));
                     s.issued.lock().unwrap().insert(
                         access_token.clone(),
                         Issued {
@@ -777,4 +749,26 @@ impl GoogleApi {
     pub fn seen(&self) -> Vec<ApiSeen> {
         self.seen.lock().unwrap().clone()
     }
+}
+
+/// The lines of a config error (`lines`, for test case `what`) that start
+/// with `prefix` (the key of a credentials file); notes in `failures` if
+/// none does, or if other lines are about other keys (one problem, one
+/// line).
+pub fn lines_about<'a>(
+    failures: &mut Vec<String>,
+    what: &str,
+    lines: &'a [String],
+    prefix: &str,
+) -> Vec<&'a String> {
+    let named: Vec<&String> = lines.iter().filter(|l| l.starts_with(prefix)).collect();
+    if named.is_empty() {
+        failures.push(format!("{what}: no line starts with {prefix}\n{lines:#?}"));
+    }
+    if named.len() != lines.len() {
+        failures.push(format!(
+            "{what}: lines about other keys than the file:\n{lines:#?}"
+        ));
+    }
+    named
 }

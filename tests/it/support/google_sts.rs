@@ -54,12 +54,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use super::{BoxBody, Pki, full, serve};
+use super::{BoxBody, Pki, full, header_of, random, read_body, serve, wait_on};
 
 /// RFC 8693's grant type, as STS wants it.
 pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -102,12 +101,6 @@ pub const STS_PARAMS: [&str; 6] = [
     "subject_token_type",
 ];
 
-fn random(n: usize) -> String {
-    std::iter::repeat_with(fastrand::alphanumeric)
-        .take(n)
-        .collect()
-}
-
 /// The `Content-Type`'s media type, lowercased.
 fn media_type(content_type: Option<&str>) -> Option<String> {
     Some(content_type?.split(';').next()?.trim().to_ascii_lowercase())
@@ -124,40 +117,6 @@ fn google_json(status: u16, body: Value) -> Response<BoxBody> {
         )
         .body(full(body.to_string()))
         .unwrap()
-}
-
-async fn read_body(body: Incoming) -> bytes::Bytes {
-    body.collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default()
-}
-
-fn header_of(headers: &http::HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get(name)
-        .map(|v| v.to_str().unwrap_or("?").to_owned())
-}
-
-/// Waits until `done` holds for what `received` holds, re-checking at each
-/// count `rx` sees; panics after `within` with what arrived.
-async fn wait_on<T: std::fmt::Debug>(
-    name: &str,
-    count: &watch::Sender<usize>,
-    received: &Mutex<Vec<T>>,
-    within: Duration,
-    what: &str,
-    done: impl Fn(&[T]) -> bool,
-) {
-    let mut rx = count.subscribe();
-    let waited =
-        tokio::time::timeout(within, rx.wait_for(|_| done(&received.lock().unwrap()))).await;
-    if waited.is_err() {
-        panic!(
-            "{name}: {what}: not within {within:?}; received:\n{:#?}",
-            received.lock().unwrap()
-        );
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1298,15 +1257,6 @@ impl ExternalAccount {
     pub fn to_value(&self) -> Value {
         serde_json::from_str(&self.to_json()).unwrap()
     }
-}
-
-/// Writes `text` to `path` the way a kubelet or a Secret update lands it:
-/// a new file renamed over the old one.
-pub fn write_atomically(path: &Path, text: &str) {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// A made-up "Kubernetes ServiceAccount token": JWT-shaped, unsigned, only

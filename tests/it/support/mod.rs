@@ -24,6 +24,7 @@ use tokio::sync::watch;
 pub mod dpop_server;
 pub mod google;
 pub mod google_sts;
+pub mod oidc;
 // Only the fleet tests (tests/fleet, tests/bin/fleet.rs) start Redis.
 #[allow(dead_code)]
 pub mod redis;
@@ -313,6 +314,60 @@ pub fn json(status: u16, body: &str) -> Response<BoxBody> {
         .header("content-type", "application/json")
         .body(full(body.to_owned()))
         .unwrap()
+}
+
+/// `n` random alphanumeric characters (made-up tokens).
+pub fn random(n: usize) -> String {
+    std::iter::repeat_with(fastrand::alphanumeric)
+        .take(n)
+        .collect()
+}
+
+/// A request's whole body (empty if it could not be read).
+pub async fn read_body(body: Incoming) -> Bytes {
+    body.collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default()
+}
+
+/// A header's value as text (`?` if it is not).
+pub fn header_of(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .map(|v| v.to_str().unwrap_or("?").to_owned())
+}
+
+/// Waits until `done` holds for what `received` holds, re-checking at each
+/// new `count`; panics after `within` with what arrived, naming the fake
+/// (`name`).
+pub async fn wait_on<T: std::fmt::Debug>(
+    name: &str,
+    count: &watch::Sender<usize>,
+    received: &Mutex<Vec<T>>,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&[T]) -> bool,
+) {
+    let mut rx = count.subscribe();
+    let waited =
+        tokio::time::timeout(within, rx.wait_for(|_| done(&received.lock().unwrap()))).await;
+    if waited.is_err() {
+        panic!(
+            "{name}: {what}: not within {within:?}; received:\n{:#?}",
+            received.lock().unwrap()
+        );
+    }
+}
+
+/// Writes `text` to `path` the way a rotation (a kubelet, a Secret update)
+/// lands: a new file (`path` + `.tmp`) renamed over the old one, so a
+/// reader never sees half of it.
+pub fn write_atomically(path: &std::path::Path, text: &str) {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// What the upstream saw of one request.
