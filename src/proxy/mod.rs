@@ -11,6 +11,7 @@ pub mod build;
 pub mod dpop;
 pub mod error;
 pub mod headers;
+pub mod pool;
 pub mod tunnel;
 pub mod upstream;
 
@@ -32,10 +33,13 @@ use crate::token::{self, store::Invalidated};
 
 use authorize::{Authorize, Verdict};
 pub use error::{ERROR_HEADER, Error, Kind};
-use upstream::HttpsClient;
+use pool::Client;
 
-/// The body type both ways: the peer's stream, or bytes we hold.
-pub type Body = Either<Incoming, Full<Bytes>>;
+/// A response body to the app: the upstream's stream, or bytes we hold.
+pub type Body = Either<pool::Body, Full<Bytes>>;
+
+/// A request body to an upstream: the app's stream, or bytes we hold.
+pub type Outgoing = Either<Incoming, Full<Bytes>>;
 
 /// Which listener a request came in on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,9 +65,12 @@ pub struct Route {
     store: Arc<token::Store>,
     /// Attaches the store's credential to each request sent.
     authorize: Box<dyn Authorize>,
-    client: HttpsClient,
+    client: Client,
+    /// `client`'s pool of a fixed upstream, held so that requests look
+    /// nothing up (`None`: same-host routes, by the request's host).
+    host: Option<Arc<pool::Host>>,
     /// HTTP/1.1 only, for upgrades (there is no `Upgrade` in HTTP/2).
-    upgrade_client: HttpsClient,
+    upgrade_client: Client,
     /// Whether the proxy sets `Host` itself: only when `client` speaks
     /// HTTP/1.1 alone. A pool that may speak HTTP/2 adds `Host` on its
     /// HTTP/1 connections; over HTTP/2 the authority travels as
@@ -86,7 +93,7 @@ impl Route {
         label: String,
         upstream: &UpstreamTarget,
         store: Arc<token::Store>,
-        client: HttpsClient,
+        client: Client,
         metrics: RouteMetrics,
     ) -> Self {
         let target = match upstream {
@@ -101,6 +108,10 @@ impl Route {
             },
             UpstreamTarget::SameHost => Target::SameHost,
         };
+        let host = match &target {
+            Target::Fixed { authority, .. } => Some(client.pin(&Scheme::HTTPS, authority)),
+            Target::SameHost => None,
+        };
         Self {
             label,
             target,
@@ -108,6 +119,7 @@ impl Route {
             authorize: Box::new(authorize::Header::bearer()),
             upgrade_client: client.clone(),
             client,
+            host,
             own_host: true,
             metrics,
         }
@@ -127,7 +139,7 @@ impl Route {
 
     /// The client for upgrade requests, when the route's own pool may speak
     /// HTTP/2 (ALPN `auto` or `http2`).
-    pub fn with_upgrade_client(mut self, client: HttpsClient) -> Self {
+    pub fn with_upgrade_client(mut self, client: Client) -> Self {
         self.upgrade_client = client;
         self
     }
@@ -149,7 +161,7 @@ pub struct Proxy {
     /// Route index by `host` value, for dedicated listeners.
     dedicated: HashMap<Arc<str>, usize>,
     settings: Settings,
-    passthrough: HttpsClient,
+    passthrough: Client,
     /// Requests that matched no route (label "-").
     unrouted: RouteMetrics,
     /// CONNECT policy and tunnel metrics.
@@ -161,7 +173,7 @@ impl Proxy {
         routes: Vec<Route>,
         table: route::Table,
         settings: Settings,
-        passthrough: HttpsClient,
+        passthrough: Client,
         unrouted: RouteMetrics,
     ) -> Self {
         let dedicated = routes
@@ -323,7 +335,7 @@ impl Proxy {
         route: &Route,
         req: Request<Incoming>,
         upgrade: Option<&tunnel::Upgrade>,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<Response<pool::Body>, Error> {
         let token = match route.store.current() {
             Some(t) => t,
             None => route
@@ -346,9 +358,15 @@ impl Proxy {
         let client = match upgrade {
             Some(u) => {
                 u.restore(&mut parts.headers);
-                &route.upgrade_client
+                Via {
+                    client: &route.upgrade_client,
+                    host: None,
+                }
             }
-            None => &route.client,
+            None => Via {
+                client: &route.client,
+                host: route.host.as_ref(),
+            },
         };
 
         // Buffer small bodies so a 401 (or a stale pooled connection) can be
@@ -459,13 +477,13 @@ impl Proxy {
     /// re-sent request) is `None` for passthrough requests.
     async fn send_replayable(
         &self,
-        client: &HttpsClient,
+        client: Via<'_>,
         method: &Method,
         uri: &Uri,
         headers: &http::HeaderMap,
         body: &Bytes,
         route: Option<(&RouteMetrics, &dyn Authorize, &token::Token)>,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<Response<pool::Body>, Error> {
         let metrics = route.map(|(m, _, _)| m);
         let request = || {
             outgoing(
@@ -497,10 +515,10 @@ impl Proxy {
 
     async fn send(
         &self,
-        client: &HttpsClient,
-        request: Request<Body>,
+        client: Via<'_>,
+        request: Request<Outgoing>,
         metrics: Option<&RouteMetrics>,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<Response<pool::Body>, Error> {
         // A cheap clone (shared bytes), to name the upstream in an error.
         let uri = request.uri().clone();
         let deadline = tokio::time::Instant::now() + self.settings.response_timeout;
@@ -511,11 +529,11 @@ impl Proxy {
 
     async fn attempt(
         &self,
-        client: &HttpsClient,
-        request: Request<Body>,
+        client: Via<'_>,
+        request: Request<Outgoing>,
         deadline: tokio::time::Instant,
-    ) -> Result<Response<Incoming>, Failure> {
-        match tokio::time::timeout_at(deadline, client.request(request)).await {
+    ) -> Result<Response<pool::Body>, Failure> {
+        match tokio::time::timeout_at(deadline, client.client.send(client.host, request)).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(Failure::Upstream(e)),
             Err(_) => Err(Failure::Timeout),
@@ -588,7 +606,10 @@ impl Proxy {
         let response = if body.is_end_stream() {
             // No body to lose: a stale pooled connection may be retried.
             self.send_replayable(
-                &self.passthrough,
+                Via {
+                    client: &self.passthrough,
+                    host: None,
+                },
                 &parts.method,
                 &parts.uri,
                 &parts.headers,
@@ -598,7 +619,11 @@ impl Proxy {
             .await?
         } else {
             let request = outgoing(parts.method, parts.uri, parts.headers, Either::Left(body));
-            self.send(&self.passthrough, request, None).await?
+            let via = Via {
+                client: &self.passthrough,
+                host: None,
+            };
+            self.send(via, request, None).await?
         };
         Ok(match upgrade {
             Some(u) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
@@ -609,14 +634,27 @@ impl Proxy {
     }
 }
 
+/// The pool a request goes through, and its upstream there when the route
+/// holds it.
+#[derive(Clone, Copy)]
+struct Via<'a> {
+    client: &'a Client,
+    host: Option<&'a Arc<pool::Host>>,
+}
+
 /// Why one exchange with an upstream failed.
 enum Failure {
-    Upstream(hyper_util::client::legacy::Error),
+    Upstream(pool::Error),
     Timeout,
 }
 
 /// An HTTP/1.1 request as the upstream client sends it.
-fn outgoing(method: Method, uri: Uri, headers: http::HeaderMap, body: Body) -> Request<Body> {
+fn outgoing(
+    method: Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+    body: Outgoing,
+) -> Request<Outgoing> {
     let mut request = Request::new(body);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -629,7 +667,7 @@ fn outgoing(method: Method, uri: Uri, headers: http::HeaderMap, body: Body) -> R
 /// head arrived, after the request was sent on it: what a stale pooled
 /// connection looks like (a clean EOF, or over TLS usually an EOF without
 /// close_notify, or a reset). Connect failures are not this.
-fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {
+fn closed_before_answer(e: &pool::Error) -> bool {
     if e.is_connect() {
         return false;
     }
@@ -787,7 +825,7 @@ fn proof_refused(route: &Route, verdict: Verdict) -> bool {
 /// Whether the upstream refused the token: HTTP 401, or a gRPC server's
 /// trailers-only `UNAUTHENTICATED` (HTTP 200, `grpc-status: 16` in the
 /// headers). A status 16 in the trailers of a streamed answer is not seen.
-fn refuses_token(response: &Response<Incoming>) -> bool {
+fn refuses_token(response: &Response<pool::Body>) -> bool {
     match response.status() {
         StatusCode::UNAUTHORIZED => true,
         StatusCode::OK => response
@@ -799,13 +837,13 @@ fn refuses_token(response: &Response<Incoming>) -> bool {
 }
 
 /// The upstream's response as the app gets it: hop-by-hop headers removed.
-fn finish(response: Response<Incoming>) -> Response<Body> {
+fn finish(response: Response<pool::Body>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, Either::Left(body))
 }
 
-fn upstream_error(upstream: &str, e: &hyper_util::client::legacy::Error) -> Error {
+fn upstream_error(upstream: &str, e: &pool::Error) -> Error {
     let chain = errors::chain(e);
     let head_too_large = errors::causes(e)
         .filter_map(|e| e.downcast_ref::<hyper::Error>())

@@ -328,7 +328,7 @@ impl Upgrade {
     /// connections once both have switched.
     pub fn switch(
         self,
-        mut response: Response<Incoming>,
+        mut response: Response<super::pool::Body>,
         metrics: &TunnelMetrics,
     ) -> Response<Body> {
         let upstream = hyper::upgrade::on(&mut response);

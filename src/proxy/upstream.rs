@@ -1,11 +1,12 @@
-//! The pooled upstream client: hyper-util's client over rustls, keep-alive
-//! and TLS session resumption (not with a client certificate: see
-//! [`crate::tls::client_config_rotating`]), web PKI roots plus a route's
-//! `ca_file`.
-//! ALPN offers h2 and http/1.1 unless the route forces one; HTTP/2 streams
-//! multiplex over one pooled connection per upstream. Routes with the same
-//! trust, protocol and client certificate share one pool; a different
-//! client certificate never shares a connection.
+//! Upstream connections: the connector (TCP, then TLS with the route's
+//! trust, ALPN and client certificate, under one time bound) and one pool
+//! per distinct (CA file, protocol, client certificate). Web PKI roots plus
+//! a route's `ca_file`; TLS session resumption (not with a client
+//! certificate: see [`crate::tls::client_config_rotating`]). ALPN offers h2
+//! and http/1.1 unless the route forces one. Routes with the same trust,
+//! protocol and client certificate share one pool; a different client
+//! certificate never shares a connection. The pool itself is
+//! [`super::pool`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,21 +18,15 @@ use std::time::Duration;
 
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_rustls::HttpsConnector;
 use hyper_rustls::MaybeHttpsStream;
-use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-
 use crate::config::{self, ClientCert, UpstreamProtocol};
 
-use super::Body;
-
-pub type HttpsClient = Client<Connector, Body>;
+use super::pool::{self, Client};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -43,6 +38,13 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct Connector {
     inner: HttpsConnector<HttpConnector>,
     limit: Duration,
+}
+
+impl Connector {
+    /// The bound on TCP connect plus TLS handshake.
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -69,23 +71,15 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// An upstream connection. It tells hyper-util only the negotiated
-/// protocol: the TCP stream's own `connected()` adds the socket addresses as
-/// "extra" connection info, which hyper-util then copies into every
-/// response's extensions (two allocations and two frees per request) for
-/// nobody to read.
+/// An upstream connection, plain (passthrough to `http://`) or TLS.
 pub struct Stream(MaybeHttpsStream<TokioIo<TcpStream>>);
 
-impl Connection for Stream {
-    fn connected(&self) -> Connected {
-        let h2 = match &self.0 {
+impl Stream {
+    /// Whether ALPN chose HTTP/2.
+    pub fn is_h2(&self) -> bool {
+        match &self.0 {
             MaybeHttpsStream::Http(_) => false,
             MaybeHttpsStream::Https(s) => s.inner().get_ref().1.alpn_protocol() == Some(b"h2"),
-        };
-        if h2 {
-            Connected::new().negotiated_h2()
-        } else {
-            Connected::new()
         }
     }
 }
@@ -160,7 +154,7 @@ type PoolKey = (Option<PathBuf>, UpstreamProtocol, Option<ClientCert>);
 /// One client per distinct (CA file, protocol, client certificate).
 #[derive(Default)]
 pub struct Pools {
-    clients: HashMap<PoolKey, HttpsClient>,
+    clients: HashMap<PoolKey, Client>,
 }
 
 impl Pools {
@@ -171,7 +165,7 @@ impl Pools {
         protocol: UpstreamProtocol,
         client_cert: Option<&ClientCert>,
         settings: &config::Upstream,
-    ) -> Result<HttpsClient, PoolError> {
+    ) -> Result<Client, PoolError> {
         let key = (ca_file.cloned(), protocol, client_cert.cloned());
         if let Some(c) = self.clients.get(&key) {
             return Ok(c.clone());
@@ -192,7 +186,7 @@ fn build(
     protocol: UpstreamProtocol,
     client_cert: Option<&ClientCert>,
     settings: &config::Upstream,
-) -> Result<HttpsClient, PoolError> {
+) -> Result<Client, PoolError> {
     let mut tls = match client_cert {
         None => crate::tls::client_config(ca_file, &[]).map_err(PoolError::Trust)?,
         Some(c) => {
@@ -223,20 +217,19 @@ fn build(
         inner,
         limit: settings.connect_timeout + settings.tls_timeout,
     };
-    let mut client = Client::builder(TokioExecutor::new());
-    client
-        .pool_idle_timeout(settings.pool_idle_timeout)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
+    let settings = pool::Settings {
+        protocol: match protocol {
+            UpstreamProtocol::Auto => pool::Protocol::Auto,
+            UpstreamProtocol::Http1 => pool::Protocol::Http1,
+            UpstreamProtocol::Http2 => pool::Protocol::Http2,
+        },
+        idle_timeout: settings.pool_idle_timeout,
         // On HTTP/1-only pools the proxy sets Host itself, to the upstream's
-        // authority (no formatting per request). A pool that may speak
-        // HTTP/2 leaves it to hyper-util, which adds Host on HTTP/1
-        // connections only: over HTTP/2 the authority is `:authority`.
-        .set_host(protocol != UpstreamProtocol::Http1)
-        // Bounds the response head and each connection's read buffer.
-        .http1_max_buf_size(settings.max_header_bytes);
-    if protocol == UpstreamProtocol::Http2 {
-        client.http2_only(true);
-    }
-    Ok(client.build(connector))
+        // authority. A pool that may speak HTTP/2 leaves it to the pool,
+        // which adds Host on HTTP/1 connections only: over HTTP/2 the
+        // authority is `:authority`.
+        set_host: protocol != UpstreamProtocol::Http1,
+        max_header_bytes: settings.max_header_bytes,
+    };
+    Ok(Client::new(connector, settings))
 }
