@@ -23,6 +23,7 @@ mod interop_dpop;
 mod interop_grants;
 mod limits;
 mod ops;
+mod pool;
 mod properties;
 mod proxy;
 mod reload;
