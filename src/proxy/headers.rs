@@ -24,9 +24,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     };
     for line in first.iter().chain(&more) {
         for name in line.to_str().unwrap_or("").split(',') {
+            let name = name.trim();
+            // `keep-alive`, the usual token, and the other fixed names but
+            // `te` go in the pass below: no lookup for them here.
+            if !name.eq_ignore_ascii_case("te") && fixed_hop_by_hop(name) {
+                continue;
+            }
             // By `&str`: no HeaderName made (and allocated) for a lookup;
             // not a valid name, nothing to remove.
-            headers.remove(name.trim());
+            headers.remove(name);
         }
     }
     // The names are cloned out first (the map is borrowed while read), in
@@ -66,6 +72,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Whether a header (by its lowercase name) is hop-by-hop by itself: the
 /// fixed set, `Keep-Alive`, `TE` and every `Proxy-*`.
+/// [`hop_by_hop`] for a name in any case (a `Connection` token).
+fn fixed_hop_by_hop(name: &str) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+        || name
+            .get(..6)
+            .is_some_and(|p| p.eq_ignore_ascii_case("proxy-"))
+}
+
 fn hop_by_hop(name: &str) -> bool {
     matches!(
         name,

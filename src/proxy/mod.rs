@@ -233,20 +233,17 @@ impl Proxy {
                     Resolved::Route(i) => Some(i),
                     Resolved::Passthrough => None,
                 };
-                let exchange = async {
-                    match target {
-                        Resolved::Route(i) => self.forward(&self.routes[i], req).await,
-                        Resolved::Passthrough => self.passthrough(req).await,
-                    }
+                let until = Until {
+                    at: tokio::time::Instant::now() + deadline,
+                    after: deadline,
                 };
-                let response = match tokio::time::timeout(deadline, exchange).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(e)) => e.into_response(),
-                    Err(_) => Error::new(
-                        Kind::UpstreamTimeout,
-                        format!("no response within proxy.request_timeout ({deadline:?})"),
-                    )
-                    .into_response(),
+                let exchange = match target {
+                    Resolved::Route(i) => self.forward(&self.routes[i], req, until).await,
+                    Resolved::Passthrough => self.passthrough(req, until).await,
+                };
+                let response = match exchange {
+                    Ok(r) => r,
+                    Err(e) => e.into_response(),
                 };
                 (route, response)
             }
@@ -317,9 +314,10 @@ impl Proxy {
         &self,
         route: &Route,
         mut req: Request<Incoming>,
+        until: Until,
     ) -> Result<Response<Body>, Error> {
         let upgrade = tunnel::Upgrade::take(&mut req);
-        let response = self.exchange(route, req, upgrade.as_ref()).await?;
+        let response = self.exchange(route, req, upgrade.as_ref(), until).await?;
         Ok(match upgrade {
             Some(u) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 u.switch(response, self.tunnels.metrics())
@@ -335,14 +333,21 @@ impl Proxy {
         route: &Route,
         req: Request<Incoming>,
         upgrade: Option<&tunnel::Upgrade>,
+        until: Until,
     ) -> Result<Response<pool::Body>, Error> {
         let token = match route.store.current() {
             Some(t) => t,
-            None => route
-                .store
-                .get(self.settings.token_wait)
-                .await
-                .map_err(|e| Error::new(Kind::TokenUnavailable, e.to_string()))?,
+            None => {
+                until
+                    .bound(async {
+                        route
+                            .store
+                            .get(self.settings.token_wait)
+                            .await
+                            .map_err(|e| Error::new(Kind::TokenUnavailable, e.to_string()))
+                    })
+                    .await?
+            }
         };
         let (mut parts, body) = req.into_parts();
         let (uri, host_header) = upstream_uri(&route.target, &parts.uri, &parts.headers)?;
@@ -361,17 +366,22 @@ impl Proxy {
                 Via {
                     client: &route.upgrade_client,
                     host: None,
+                    until,
                 }
             }
             None => Via {
                 client: &route.client,
                 host: route.host.as_ref(),
+                until,
             },
         };
 
         // Buffer small bodies so a 401 (or a stale pooled connection) can be
         // retried; stream the rest.
-        let bytes = match replayable(body, self.settings.replay_buffer).await? {
+        let bytes = match until
+            .bound(replayable(body, self.settings.replay_buffer))
+            .await?
+        {
             Replay::Stream(body) => {
                 let request = outgoing(parts.method, uri, parts.headers, Either::Left(body));
                 let response = self.send(client, request, Some(&route.metrics)).await?;
@@ -437,9 +447,15 @@ impl Proxy {
             Invalidated::RateLimited => return Ok(response),
             Invalidated::Refetching | Invalidated::AlreadyReplaced => {}
         }
-        let fresh = match route.store.get(self.settings.token_wait).await {
-            Ok(t) => t,
-            Err(_) => return Ok(response),
+        let fresh = match tokio::time::timeout_at(
+            until.at,
+            route.store.get(self.settings.token_wait),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(_)) => return Ok(response),
+            Err(_) => return Err(until.error()),
         };
         tracing::debug!(route = %route.label, "upstream answered 401; retrying with a fresh token");
         route
@@ -533,9 +549,17 @@ impl Proxy {
         request: Request<Outgoing>,
         deadline: tokio::time::Instant,
     ) -> Result<Response<pool::Body>, Failure> {
-        match tokio::time::timeout_at(deadline, client.client.send(client.host, request)).await {
+        let until = client.until;
+        // One timer, for whichever bound comes first.
+        let (at, request_bound) = if until.at < deadline {
+            (until.at, true)
+        } else {
+            (deadline, false)
+        };
+        match tokio::time::timeout_at(at, client.client.send(client.host, request)).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(Failure::Upstream(e)),
+            Err(_) if request_bound => Err(Failure::RequestTimeout(until)),
             Err(_) => Err(Failure::Timeout),
         }
     }
@@ -554,6 +578,7 @@ impl Proxy {
                 }
                 upstream_error(upstream, &e)
             }
+            Failure::RequestTimeout(until) => until.error(),
             Failure::Timeout => {
                 if let Some(m) = metrics {
                     m.upstream_error("timeout");
@@ -570,7 +595,11 @@ impl Proxy {
     }
 
     /// `unmatched = "passthrough"`: forward as a plain proxy, no token added.
-    async fn passthrough(&self, mut req: Request<Incoming>) -> Result<Response<Body>, Error> {
+    async fn passthrough(
+        &self,
+        mut req: Request<Incoming>,
+        until: Until,
+    ) -> Result<Response<Body>, Error> {
         let upgrade = tunnel::Upgrade::take(&mut req);
         let (mut parts, body) = req.into_parts();
         if parts.uri.authority().is_none() {
@@ -609,6 +638,7 @@ impl Proxy {
                 Via {
                     client: &self.passthrough,
                     host: None,
+                    until,
                 },
                 &parts.method,
                 &parts.uri,
@@ -622,6 +652,7 @@ impl Proxy {
             let via = Via {
                 client: &self.passthrough,
                 host: None,
+                until,
             };
             self.send(via, request, None).await?
         };
@@ -634,18 +665,52 @@ impl Proxy {
     }
 }
 
-/// The pool a request goes through, and its upstream there when the route
-/// holds it.
+/// The pool a request goes through, its upstream there when the route
+/// holds it, and the request's deadline.
 #[derive(Clone, Copy)]
 struct Via<'a> {
     client: &'a Client,
     host: Option<&'a Arc<pool::Host>>,
+    until: Until,
 }
 
 /// Why one exchange with an upstream failed.
 enum Failure {
     Upstream(pool::Error),
+    /// `upstream.response_timeout`.
     Timeout,
+    /// `proxy.request_timeout` came first.
+    RequestTimeout(Until),
+}
+
+/// The end of a request's time (`proxy.request_timeout`) up to its response
+/// head. Each wait of the exchange is bounded by it on its own, rather than
+/// the whole exchange under one more timer: a wait that is ready at once
+/// (a token in the store, a request without a body) arms no timer, and the
+/// wait for the upstream arms one, for whichever of this and
+/// `upstream.response_timeout` ends first.
+#[derive(Clone, Copy)]
+struct Until {
+    at: tokio::time::Instant,
+    after: Duration,
+}
+
+impl Until {
+    fn error(self) -> Error {
+        Error::new(
+            Kind::UpstreamTimeout,
+            format!(
+                "no response within proxy.request_timeout ({:?})",
+                self.after
+            ),
+        )
+    }
+
+    async fn bound<T>(self, wait: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+        tokio::time::timeout_at(self.at, wait)
+            .await
+            .unwrap_or_else(|_| Err(self.error()))
+    }
 }
 
 /// An HTTP/1.1 request as the upstream client sends it.
