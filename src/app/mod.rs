@@ -210,6 +210,8 @@ impl Running {
         if let Some(proxy) = proxy {
             self.proxy.store(Arc::new(proxy));
         }
+        // Upstream handshakes overlap the token fetches just started.
+        self.proxy.load().preconnect();
         // New limits apply to connections accepted from now on.
         self.connections.set_limits(serve::Limits::new(&config));
         self.status.set_stores(stores);

@@ -192,6 +192,16 @@ impl Proxy {
         }
     }
 
+    /// Opens a connection to each fixed upstream ahead of its first
+    /// request, so that request pays no TCP and TLS handshake.
+    pub fn preconnect(&self) {
+        for r in &self.routes {
+            if let Some(host) = &r.host {
+                r.client.preconnect(host);
+            }
+        }
+    }
+
     /// Sets the CONNECT policy (default: every CONNECT refused).
     pub fn with_tunnels(mut self, tunnels: tunnel::Tunnels) -> Self {
         self.tunnels = tunnels;

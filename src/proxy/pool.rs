@@ -229,6 +229,19 @@ impl Client {
         chosen
     }
 
+    /// Opens one connection to `host` ahead of its first request (at
+    /// start-up and after a reload, while tokens are being fetched), unless
+    /// one is pooled or opening. A failure is only logged: the first
+    /// request connects again.
+    pub fn preconnect(&self, host: &Arc<Host>) {
+        let mut state = host.lock();
+        if !state.idle.is_empty() || state.connecting > 0 || host.live_h2().is_some() {
+            return;
+        }
+        state.connecting += 1;
+        tokio::spawn(connect(Arc::clone(&self.shared), Arc::clone(host)));
+    }
+
     /// Sends `req` (an absolute URI) to `host`, or to the host its URI
     /// names. The response body gives an HTTP/1.1 connection back to the
     /// pool when it ends.
@@ -409,6 +422,7 @@ async fn connect(shared: Arc<Shared>, host: Arc<Host>) {
             }
         }
         Err(e) => {
+            tracing::debug!(upstream = %host.dial, error = %crate::errors::chain(&*e), "connecting to the upstream failed");
             let mut state = host.lock();
             state.connecting -= 1;
             let h2 = shared.protocol == Protocol::Http2

@@ -249,3 +249,19 @@ async fn an_idle_connection_closes_after_the_pool_idle_timeout() {
     assert_eq!(get(&client, "http://idle.test/two").await, "2");
     app.shutdown().await;
 }
+
+/// At start-up each fixed upstream gets a connection before any request
+/// (its handshakes overlap the token fetch), and the first request uses it.
+#[tokio::test]
+async fn start_up_opens_a_connection_to_each_upstream_before_any_request() {
+    let w = World::new(Mode::Issue(60.0)).await;
+    let up = Gated::start(&w.pki, usize::MAX >> 4).await;
+    let app = w
+        .start(&w.config("", &route("pre.test", up.addr.port())))
+        .await;
+    up.accepted(1).await;
+    let client = proxied_client(app.proxy_addr());
+    assert_eq!(get(&client, "http://pre.test/first").await, "1");
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 1, "connections opened");
+    app.shutdown().await;
+}
