@@ -103,6 +103,10 @@ pub struct Settings {
 /// connections by half.
 const READ_BUF_MAX: usize = 68 * 1024;
 
+/// Connections one request may take when each closes before the request
+/// is written to it.
+const MAX_TAKES: usize = 8;
+
 /// HTTP/2 pings on a connection with streams open: a dead peer is noticed
 /// within interval + timeout rather than at the response timeout of every
 /// stream on it.
@@ -269,7 +273,10 @@ impl Client {
         mut req: Request<Outgoing>,
     ) -> Result<Response<Body>, Error> {
         let absolute = req.uri().clone();
-        loop {
+        // Each turn takes another connection because the last one closed
+        // before the request went out on it; an upstream that closes every
+        // connection at once must not make that an endless loop.
+        for _ in 0..MAX_TAKES {
             if host.proto.load(Ordering::Relaxed) == PROTO_H2 {
                 let tx = host.h2.load();
                 if let Some(tx) = tx.as_deref().filter(|tx| !tx.is_closed()) {
@@ -296,10 +303,16 @@ impl Client {
                 },
                 Conn::H1(tx) => tx,
             };
-            if !tx.is_ready() && tx.ready().await.is_err() {
+            if !tx.is_ready()
+                && let Err(e) = tx.ready().await
+            {
                 // Closed while idle, or it closed after its last response:
-                // nothing was sent, so take another.
-                continue;
+                // nothing was sent, so take another. A new connection that
+                // closes before its first request would again.
+                if reused {
+                    continue;
+                }
+                return Err(Error::Request(e));
             }
             if self.shared.set_host && !req.headers().contains_key(header::HOST) {
                 req.headers_mut()
@@ -326,6 +339,9 @@ impl Client {
                 },
             }
         }
+        Err(Error::connect(format!(
+            "the upstream closed {MAX_TAKES} connections in a row before a request could be sent"
+        )))
     }
 
     async fn send_h2(
