@@ -197,6 +197,12 @@ def main():
             if status == 200 and n == a.body_bytes:
                 first = time.monotonic()
                 result["cpu_ms_at_200"] = cpu_ms(pid, a.cpu_children)
+                # nginx logs a request after answering it: give the upstream
+                # a moment to write the new connection's line.
+                for _ in range(100):
+                    if count_lines(a.conn_log) > conn0:
+                        break
+                    time.sleep(0.002)
             else:
                 before.append(status)
                 time.sleep(poll)

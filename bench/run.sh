@@ -52,6 +52,8 @@ Environment (defaults in brackets):
   cold mode: a fresh process per start, SUBJECTS ["token-injector nginx haproxy"]
   COLD_RUNS         starts per subject, interleaved [20; QUICK: 5]
   COLD_POLL_MS      the client's connect/retry interval in ms [0.5]
+  COLD_HOG          1: a busy loop at normal priority on PROXY_CPU during the starts,
+                    a busy neighbour on the subject's core [0]
   TI_BASE_BIN       another token-injector build, as the subject token-injector-base
                     (e.g. SUBJECTS="token-injector token-injector-base nginx haproxy")
 EOF
@@ -112,6 +114,7 @@ else
 fi
 if [[ $QUICK == 1 ]]; then COLD_RUNS=${COLD_RUNS:-5}; else COLD_RUNS=${COLD_RUNS:-20}; fi
 COLD_POLL_MS=${COLD_POLL_MS:-0.5}
+COLD_HOG=${COLD_HOG:-0}
 
 UPSTREAM_PORT=$((PORT_BASE + 43))
 TOKEN_PORT=$((PORT_BASE + 44))
@@ -620,6 +623,7 @@ write_meta() {
             "$MODE" "$STAMP" "$QUICK" "$DURATION" "$WARMUP" "$ROUNDS"
         printf '"proxy_cpu":%d,"load_cpu":%d,"busy_loops":%d,"token_bytes":%d,"h2_clients":%d,' \
             "$PROXY_CPU" "$LOAD_CPU" "$BUSY" "${#TOKEN}" "$H2_CLIENTS"
+        printf '"cold_runs":%d,"cold_poll_ms":%s,"cold_hog":%d,' "$COLD_RUNS" "$COLD_POLL_MS" "$COLD_HOG"
         printf '"git":"%s","ti_bin":"%s","ti_base_bin":"%s","kernel":"%s","cpu":"%s",' \
             "$(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo unknown)" "$TI_BIN" "${TI_BASE_BIN:-}" \
             "$(uname -r)" "$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
@@ -1138,6 +1142,12 @@ mode_cold() {
     for subj in $SUBJECTS; do cold_start "$subj" 0; done
     : >"$RAW"
     start_busy
+    if [[ $COLD_HOG == 1 ]]; then
+        # Stopped with the busy loops (stop_busy).
+        taskset -c "$PROXY_CPU" bash -c 'while :; do :; done' &
+        BUSY_PIDS+=($!)
+        log "a busy loop at normal priority on CPU $PROXY_CPU (pid $!)"
+    fi
     log "$COLD_RUNS cold starts per subject, interleaved"
     for ((rep = 1; rep <= COLD_RUNS; rep++)); do
         for subj in $(rotate "$rep" $SUBJECTS); do cold_start "$subj" "$rep"; done
@@ -1162,6 +1172,7 @@ validate_settings() {
         [[ $MODE != cold || $b != direct ]] || die "SUBJECTS: the cold mode has no direct subject"
     done
     [[ $COLD_RUNS =~ ^[1-9][0-9]*$ ]] || die "COLD_RUNS=$COLD_RUNS: expected a positive whole number"
+    [[ $COLD_HOG == 0 || $COLD_HOG == 1 ]] || die "COLD_HOG=$COLD_HOG: 0 or 1"
     [[ $COLD_POLL_MS =~ ^[0-9]*\.?[0-9]+$ ]] || die "COLD_POLL_MS=$COLD_POLL_MS: expected a number of ms"
     for b in $H2_SCENARIOS; do [[ $b == h2 || $b == grpc ]] || die "H2_SCENARIOS: unknown scenario $b (h2, grpc)"; done
     for b in $DPOP_SUBJECTS; do
