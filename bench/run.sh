@@ -6,6 +6,7 @@
 #   bash bench/run.sh h2         HTTP/2 and unary gRPC: h2c in, HTTP/2 over TLS out (h2load; nginx grpc_pass)
 #   bash bench/run.sh profile    where each subject's CPU goes under load (perf, cpu-clock samples)
 #   bash bench/run.sh dpop       DPoP (RFC 9449) against Bearer: CPU per request, callgrind, signature cost
+#   bash bench/run.sh cold       start-up: spawn to listening, token fetched, first proxied 200
 #   QUICK=1 bash bench/run.sh    smoke test: 2 s runs, 1 round
 #
 # Everything runs on 127.0.0.1 from a temporary directory; every process this
@@ -48,12 +49,19 @@ Environment (defaults in brackets):
   DPOP_CG_WARMUP    requests before counting starts [2000; QUICK: 500]
   DPOP_SIGN_PROOFS  proofs per timed repetition of examples/dpop_sign.rs [20000; QUICK: 5000]
   DPOP_SIGN_BIN     use this dpop_sign example binary instead of building one
+  cold mode: a fresh process per start, SUBJECTS ["token-injector nginx haproxy"]
+  COLD_RUNS         starts per subject, interleaved [20; QUICK: 5]
+  COLD_POLL_MS      the client's connect/retry interval in ms [0.5]
+  COLD_HOG          1: a busy loop at normal priority on PROXY_CPU during the starts,
+                    a busy neighbour on the subject's core [0]
+  TI_BASE_BIN       another token-injector build, as the subject token-injector-base
+                    (e.g. SUBJECTS="token-injector token-injector-base nginx haproxy")
 EOF
 }
 
 MODE=${1:-compare}
 case $MODE in
-    compare | scale | h2 | profile | dpop) ;;
+    compare | scale | h2 | profile | dpop | cold) ;;
     -h | --help | help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
 esac
@@ -78,7 +86,7 @@ fi
 CONNS=${CONNS:-"16 128"}
 BODIES=${BODIES:-"1k 64k"}
 SHAPES=${SHAPES:-"origin absolute"}
-if [[ $MODE == profile ]]; then
+if [[ $MODE == profile || $MODE == cold ]]; then
     SUBJECTS=${SUBJECTS:-"token-injector nginx haproxy"}
 else
     SUBJECTS=${SUBJECTS:-"token-injector nginx haproxy direct"}
@@ -104,6 +112,9 @@ else
     DPOP_CG_REQUESTS=${DPOP_CG_REQUESTS:-20000}; DPOP_CG_WARMUP=${DPOP_CG_WARMUP:-2000}
     DPOP_SIGN_PROOFS=${DPOP_SIGN_PROOFS:-20000}
 fi
+if [[ $QUICK == 1 ]]; then COLD_RUNS=${COLD_RUNS:-5}; else COLD_RUNS=${COLD_RUNS:-20}; fi
+COLD_POLL_MS=${COLD_POLL_MS:-0.5}
+COLD_HOG=${COLD_HOG:-0}
 
 UPSTREAM_PORT=$((PORT_BASE + 43))
 TOKEN_PORT=$((PORT_BASE + 44))
@@ -612,8 +623,9 @@ write_meta() {
             "$MODE" "$STAMP" "$QUICK" "$DURATION" "$WARMUP" "$ROUNDS"
         printf '"proxy_cpu":%d,"load_cpu":%d,"busy_loops":%d,"token_bytes":%d,"h2_clients":%d,' \
             "$PROXY_CPU" "$LOAD_CPU" "$BUSY" "${#TOKEN}" "$H2_CLIENTS"
-        printf '"git":"%s","ti_bin":"%s","kernel":"%s","cpu":"%s",' \
-            "$(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo unknown)" "$TI_BIN" \
+        printf '"cold_runs":%d,"cold_poll_ms":%s,"cold_hog":%d,' "$COLD_RUNS" "$COLD_POLL_MS" "$COLD_HOG"
+        printf '"git":"%s","ti_bin":"%s","ti_base_bin":"%s","kernel":"%s","cpu":"%s",' \
+            "$(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo unknown)" "$TI_BIN" "${TI_BASE_BIN:-}" \
             "$(uname -r)" "$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
         printf '"versions":{"nginx":"%s","haproxy":"%s","wrk":"%s","token_injector":"%s"},' \
             "$(nginx -v 2>&1 | sed 's/.*nginx\///')" "$(haproxy -v | awk 'NR==1 {print $3}')" \
@@ -1080,6 +1092,69 @@ dpop_sign() {
     done
 }
 
+# Start-up: a fresh process per start. bench/cold.py spawns the subject on
+# PROXY_CPU and, from CPU LOAD_CPU, connects every COLD_POLL_MS ms until the
+# port accepts (listening), then sends GET /1k (origin-form), again on a new
+# connection after each non-200, until the first 200 with its whole body.
+# token-injector's token request and the first upstream request are timed by
+# the token endpoint's and the upstream's logs ($msec, ms resolution).
+cold_start() { # subject rep
+    local subj=$1 rep=$2 port args=()
+    case $subj in
+        token-injector)
+            port=$TI_ROUTE_PORT
+            args=(-- "$TI_BIN" run --config "$TMP/token-injector.toml")
+            ;;
+        token-injector-base)
+            port=$TI_ROUTE_PORT
+            args=(-- "$TI_BASE_BIN" run --config "$TMP/token-injector.toml")
+            ;;
+        nginx)
+            port=$NGINX_PORT
+            args=(--cpu-children -- nginx -e "$TMP/nginx-proxy-error.log" -c "$TMP/nginx-proxy.conf" -g 'daemon off;')
+            ;;
+        haproxy)
+            port=$HAPROXY_PORT
+            args=(-- haproxy -db -f "$TMP/haproxy.cfg")
+            ;;
+    esac
+    # The environment goes to every subject; only token-injector reads it.
+    TOKEN_INJECTOR_WORKERS=1 RUST_LOG=warn run_waiting "$TMP/cold.out" python3 "$BENCH_DIR/cold.py" \
+        --subject "$subj" --rep "$rep" --port "$port" --cpu "$PROXY_CPU" --client-cpu "$LOAD_CPU" \
+        --poll-ms "$COLD_POLL_MS" --log "$TMP/logs/cold-$subj.log" \
+        --token-log "$TMP/token.log" --conn-log "$TMP/upstream-conn.log" "${args[@]}" ||
+        die "cold start of $subj: $(cat "$TMP/cold.out") (see $TMP/logs/cold-$subj.log)"
+    cat "$TMP/cold.out" >>"$RAW"
+    log "[$rep/$COLD_RUNS] $subj: $(python3 -c 'import json,sys
+r = json.load(sys.stdin)
+print(", ".join(f"{k} {r[k]}" for k in ("listening_ms", "token_ms", "upstream_ms", "first_200_ms", "cpu_ms_at_200") if r.get(k) is not None))' <"$TMP/cold.out")"
+}
+
+mode_cold() {
+    local subj rep
+    render "$BENCH_DIR/conf/token-injector.toml" "$TMP/token-injector.toml"
+    "$TI_BIN" check --config "$TMP/token-injector.toml" >/dev/null || die "token-injector check"
+    render "$BENCH_DIR/conf/nginx-proxy.conf" "$TMP/nginx-proxy.conf"
+    render "$BENCH_DIR/conf/haproxy.cfg" "$TMP/haproxy.cfg"
+    haproxy -c -q -f "$TMP/haproxy.cfg" || die "haproxy config check"
+    write_meta
+    # One unmeasured start each: binaries and libraries into the page cache.
+    for subj in $SUBJECTS; do cold_start "$subj" 0; done
+    : >"$RAW"
+    start_busy
+    if [[ $COLD_HOG == 1 ]]; then
+        # Stopped with the busy loops (stop_busy).
+        taskset -c "$PROXY_CPU" bash -c 'while :; do :; done' &
+        BUSY_PIDS+=($!)
+        log "a busy loop at normal priority on CPU $PROXY_CPU (pid $!)"
+    fi
+    log "$COLD_RUNS cold starts per subject, interleaved"
+    for ((rep = 1; rep <= COLD_RUNS; rep++)); do
+        for subj in $(rotate "$rep" $SUBJECTS); do cold_start "$subj" "$rep"; done
+    done
+    stop_busy
+}
+
 validate_settings() {
     local v b
     for v in DURATION WARMUP ROUNDS SCALE_CONNS PROXY_CPU LOAD_CPU PORT_BASE; do
@@ -1089,8 +1164,16 @@ validate_settings() {
     for b in $BODIES; do [[ $b == 1k || $b == 64k ]] || die "BODIES: unknown body $b (1k, 64k)"; done
     for b in $SHAPES; do [[ $b == origin || $b == absolute ]] || die "SHAPES: unknown shape $b"; done
     for b in $SUBJECTS; do
+        if [[ $MODE == cold && $b == token-injector-base ]]; then
+            [[ -x ${TI_BASE_BIN:-} ]] || die "SUBJECTS: token-injector-base needs TI_BASE_BIN, an executable"
+            continue
+        fi
         [[ $b =~ ^(token-injector|nginx|haproxy|direct)$ ]] || die "SUBJECTS: unknown subject $b"
+        [[ $MODE != cold || $b != direct ]] || die "SUBJECTS: the cold mode has no direct subject"
     done
+    [[ $COLD_RUNS =~ ^[1-9][0-9]*$ ]] || die "COLD_RUNS=$COLD_RUNS: expected a positive whole number"
+    [[ $COLD_HOG == 0 || $COLD_HOG == 1 ]] || die "COLD_HOG=$COLD_HOG: 0 or 1"
+    [[ $COLD_POLL_MS =~ ^[0-9]*\.?[0-9]+$ ]] || die "COLD_POLL_MS=$COLD_POLL_MS: expected a number of ms"
     for b in $H2_SCENARIOS; do [[ $b == h2 || $b == grpc ]] || die "H2_SCENARIOS: unknown scenario $b (h2, grpc)"; done
     for b in $DPOP_SUBJECTS; do
         [[ $b =~ ^(bearer|dpop-es256|dpop-eddsa)$ ]] || die "DPOP_SUBJECTS: unknown subject $b (bearer, dpop-es256, dpop-eddsa)"
@@ -1125,6 +1208,11 @@ main() {
     start_upstream
     "mode_$MODE"
     if [[ $MODE == profile ]]; then
+        log "results in ${RESULTS#"$ROOT"/}"
+        return
+    fi
+    if [[ $MODE == cold ]]; then
+        python3 "$BENCH_DIR/cold.py" summary "$RAW" | tee "$RESULTS/table.txt"
         log "results in ${RESULTS#"$ROOT"/}"
         return
     fi

@@ -182,8 +182,17 @@ async fn run(config: token_injector::config::Config, path: PathBuf) -> ExitCode 
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The token requests and listeners go first: setting up the watch waits
+    // for the watcher's new thread, a scheduler slice (~5 ms) on a busy CPU.
+    tokio::task::yield_now().await;
     let (hup_tx, hup_rx) = tokio::sync::mpsc::channel(1);
-    let watcher = match token_injector::reload::spawn(Arc::clone(&running), path, hup_rx) {
+    let watching = Arc::clone(&running);
+    let set_up =
+        tokio::task::spawn_blocking(move || token_injector::reload::spawn(watching, path, hup_rx))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+    let watcher = match set_up {
         Ok(task) => Some(task),
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");

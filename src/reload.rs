@@ -74,8 +74,17 @@ pub fn spawn(
         let _watcher = watcher;
         // `running` was started from an earlier read of the file: a change
         // made before the watch began would go unseen until the next one.
-        if last.is_some() && crate::config::load(&path).ok() != running.config() {
-            reload(&running, &path);
+        // Loaded off the runtime: at start-up the first token requests are
+        // in flight on it.
+        if last.is_some() {
+            let at = path.clone();
+            let now = tokio::task::spawn_blocking(move || crate::config::load(&at).ok())
+                .await
+                .ok()
+                .flatten();
+            if now != running.config() {
+                reload(&running, &path);
+            }
         }
         loop {
             let forced = tokio::select! {
