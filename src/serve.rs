@@ -14,7 +14,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -178,7 +178,7 @@ pub async fn accept_loop(
                     };
                     let _ = stream.set_nodelay(true);
                     let activity = Arc::new(Activity::new());
-                    let io = TrackedIo { inner: stream, activity: Arc::clone(&activity), head: Some(Scan::new()) };
+                    let io = TrackedIo { inner: stream, activity: Arc::clone(&activity), head: Some(Scan::new()), sniff: true };
                     // A tunnel outlives the connection's HTTP exchange: it
                     // keeps the connection counted until it ends.
                     let hold: Arc<dyn Send + Sync> = Arc::new((open, held.subscribe()));
@@ -507,6 +507,36 @@ struct TrackedIo {
     activity: Arc<Activity>,
     /// Scanning a request head (from its first byte to its blank line).
     head: Option<Scan>,
+    /// Until the first read: answer hyper-util's protocol sniff by peeking
+    /// (see [`TrackedIo::sniffed_http1`]).
+    sniff: bool,
+}
+
+impl TrackedIo {
+    /// Whether this read is hyper-util's protocol sniff on an HTTP/1
+    /// connection, told by peeking at the socket.
+    ///
+    /// The auto builder reads the first bytes (into a buffer the size of
+    /// the HTTP/2 preface) to choose HTTP/1 or HTTP/2, then hands them to
+    /// hyper as a prefix. hyper reads that prefix alone into its 8 KiB read
+    /// buffer and then wants 8 KiB free behind it, so every HTTP/1
+    /// connection's buffer doubled to 16 KiB. A sniff that reads nothing is
+    /// taken for HTTP/1 with no prefix, so hyper's own first read gets the
+    /// head into 8 KiB. HTTP/2, and a first segment that is still a prefix
+    /// of the preface (`P`), are read as before.
+    fn sniffed_http1(&mut self, cx: &mut Context<'_>, buf: &ReadBuf<'_>) -> Poll<bool> {
+        if !self.sniff || buf.remaining() != H2_PREFACE.len() {
+            self.sniff = false;
+            return Poll::Ready(false);
+        }
+        let mut peek = [0u8; H2_PREFACE.len()];
+        let mut peeked = ReadBuf::new(&mut peek);
+        let polled = ready!(self.inner.poll_peek(cx, &mut peeked));
+        self.sniff = false;
+        let seen = peeked.filled();
+        // An error or the end of the stream is left to the read itself.
+        Poll::Ready(polled.is_ok() && !seen.is_empty() && !H2_PREFACE.starts_with(seen))
+    }
 }
 
 impl AsyncRead for TrackedIo {
@@ -516,6 +546,9 @@ impl AsyncRead for TrackedIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if ready!(this.sniffed_http1(cx, buf)) {
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
@@ -833,6 +866,7 @@ mod tests {
             inner: server,
             activity: Arc::new(Activity::new()),
             head: Some(Scan::new()),
+            sniff: false,
         };
         (client, io)
     }
@@ -843,6 +877,49 @@ mod tests {
         client.write_all(bytes).await.unwrap();
         let mut buf = vec![0u8; bytes.len()];
         io.read_exact(&mut buf).await.unwrap();
+    }
+
+    /// Reads once into a buffer of `len` bytes, as hyper-util's sniff does
+    /// with the preface's length.
+    async fn read_once(io: &mut TrackedIo, len: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; len];
+        let n = io.read(&mut buf).await.unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[tokio::test]
+    async fn the_sniff_of_an_http1_connection_reads_nothing() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, mut io) = tracked_pair().await;
+        io.sniff = true;
+        let head = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+        client.write_all(head).await.unwrap();
+        assert_eq!(read_once(&mut io, H2_PREFACE.len()).await, b"");
+        // The head is read whole afterwards, and checked.
+        assert_eq!(read_once(&mut io, 8192).await, head);
+        assert_eq!(io.activity.proto.load(Ordering::Relaxed), PROTO_H1);
+        assert!(io.head.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_sniff_reads_http2_and_a_lone_p() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, mut io) = tracked_pair().await;
+        io.sniff = true;
+        client.write_all(H2_PREFACE).await.unwrap();
+        assert_eq!(read_once(&mut io, H2_PREFACE.len()).await, H2_PREFACE);
+        let (mut client, mut io) = tracked_pair().await;
+        io.sniff = true;
+        client.write_all(b"P").await.unwrap();
+        assert_eq!(read_once(&mut io, H2_PREFACE.len()).await, b"P");
+        // Only the first read is the sniff.
+        client.write_all(b"OST / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(
+            read_once(&mut io, H2_PREFACE.len()).await,
+            b"OST / HTTP/1.1\r\n"
+        );
     }
 
     #[tokio::test]
