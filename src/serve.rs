@@ -276,7 +276,11 @@ fn service(
             // Over HTTP/2 a CONNECT tunnel is one stream; its scope keeps the
             // connection busy while it lives, and then the timers apply again.
             let http1 = req.version() != Version::HTTP_2;
-            let response = proxy.handle(&entry, req, deadline).await;
+            // hyper keeps a box the size of this future for the
+            // connection's whole life; boxing the handler's ~4 KiB state
+            // apart frees it once the response head is out, so an idle or
+            // streaming connection does not hold it.
+            let response = Box::pin(proxy.handle(&entry, req, deadline)).await;
             if http1
                 && ((connect && response.status().is_success())
                     || response.status() == StatusCode::SWITCHING_PROTOCOLS)
