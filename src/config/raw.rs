@@ -87,6 +87,7 @@ pub struct RawUpstream {
     pub body_idle_timeout: Option<String>,
     pub replay_buffer: Option<u64>,
     pub max_header_bytes: Option<u64>,
+    pub read_buffer_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

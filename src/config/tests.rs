@@ -527,6 +527,33 @@ fn bad_limits_are_all_reported_by_key() {
 }
 
 #[test]
+fn the_upstream_read_buffer_ceiling_has_a_default_a_key_and_a_range() {
+    let dir = dir_with_secret();
+    assert_eq!(
+        load(GOOD, &dir).unwrap().upstream.read_buffer_bytes,
+        68 * 1024
+    );
+    let text = format!("{GOOD}\n[upstream]\nread_buffer_bytes = 32768\n");
+    let c = from_text(&text, dir.path(), vec![]).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(c.upstream.read_buffer_bytes, 32768);
+    let env = vec![(
+        "TOKEN_INJECTOR_UPSTREAM__READ_BUFFER_BYTES".to_owned(),
+        "16384".to_owned(),
+    )];
+    let c = from_text(GOOD, dir.path(), env).unwrap();
+    assert_eq!(c.upstream.read_buffer_bytes, 16384);
+    for bad in ["4096", "2000000"] {
+        let p = problems(&format!("{GOOD}\n[upstream]\nread_buffer_bytes = {bad}\n"));
+        let want =
+            format!("upstream.read_buffer_bytes: {bad} is out of range; expected 8192 to 1048576");
+        assert!(
+            p.iter().any(|l| l.starts_with(&want)),
+            "{want:?} not in {p:#?}"
+        );
+    }
+}
+
+#[test]
 fn oversized_and_negative_counts_are_refused() {
     let p = problems(&GOOD.replace(
         "[proxy]\n",

@@ -147,9 +147,11 @@ pub struct Upstream {
     pub body_idle_timeout: Duration,
     /// Request bodies up to this size are buffered so a 401 can be retried.
     pub replay_buffer: usize,
-    /// The largest upstream response head; also the ceiling of each
-    /// upstream HTTP/1 connection's read buffer.
+    /// The largest upstream response head.
     pub max_header_bytes: usize,
+    /// The ceiling of an upstream HTTP/1.1 connection's read buffer (the
+    /// larger of this and `max_header_bytes` applies).
+    pub read_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -92,16 +92,12 @@ pub struct Settings {
     pub set_host: bool,
     /// The largest response head.
     pub max_header_bytes: usize,
+    /// Read buffer ceiling of an HTTP/1.1 connection (hyper grows the
+    /// buffer only while reads fill it, so small responses keep 8 KiB).
+    /// Each read's buffer lives until the app has been sent what it holds,
+    /// so this is also what a streaming response holds at most.
+    pub read_buffer_bytes: usize,
 }
-
-/// Read buffer ceiling of an upstream HTTP/1.1 connection: a 64 KiB body
-/// and its head arrive in one or two reads, and so reach the app in one or
-/// two writes (the response head is bounded apart, by `max_header_bytes`).
-/// Each read's buffer lives until the app has been sent what it holds, so
-/// this is also what a streaming response holds at most: 128 KiB read
-/// the same bodies for no fewer writes and raised the peak RSS at 128
-/// connections by half.
-const READ_BUF_MAX: usize = 68 * 1024;
 
 /// Connections one request may take when each closes before the request
 /// is written to it.
@@ -186,7 +182,7 @@ impl fmt::Debug for Host {
 impl Client {
     pub fn new(connector: Connector, settings: Settings) -> Self {
         let mut h1 = http1::Builder::new();
-        h1.max_buf_size(READ_BUF_MAX.max(settings.max_header_bytes))
+        h1.max_buf_size(settings.read_buffer_bytes.max(settings.max_header_bytes))
             .max_header_size(settings.max_header_bytes);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())

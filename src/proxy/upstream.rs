@@ -230,6 +230,7 @@ fn build(
         // authority is `:authority`.
         set_host: protocol != UpstreamProtocol::Http1,
         max_header_bytes: settings.max_header_bytes,
+        read_buffer_bytes: settings.read_buffer_bytes,
     };
     Ok(Client::new(connector, settings))
 }

@@ -10,6 +10,12 @@ use super::{MAX_HEADER_BYTES, MIN_HEADER_BYTES, Validator};
 /// size under large bodies (60-73 MiB at 128 connections with 64 KiB bodies).
 const DEFAULT_UPSTREAM_HEADER_BYTES: usize = 16 * 1024;
 
+/// `upstream.read_buffer_bytes`: a 64 KiB body and its head arrive in one
+/// or two reads, so they reach the app in one or two writes (32 KiB: three,
+/// for 7 % more CPU per 64 KiB response and 6-9 MiB less peak RSS at 128
+/// connections; docs/src/benchmarks.md).
+const DEFAULT_READ_BUFFER_BYTES: usize = 68 * 1024;
+
 impl Validator<'_> {
     pub(super) fn upstream(&mut self, u: RawUpstream) -> Upstream {
         let upstream = Upstream {
@@ -35,6 +41,12 @@ impl Validator<'_> {
                 "upstream.max_header_bytes",
                 u.max_header_bytes,
                 DEFAULT_UPSTREAM_HEADER_BYTES,
+                MIN_HEADER_BYTES..=MAX_HEADER_BYTES,
+            ),
+            read_buffer_bytes: self.count(
+                "upstream.read_buffer_bytes",
+                u.read_buffer_bytes,
+                DEFAULT_READ_BUFFER_BYTES,
                 MIN_HEADER_BYTES..=MAX_HEADER_BYTES,
             ),
         };
