@@ -159,7 +159,8 @@ pub struct Host {
 #[derive(Default)]
 struct State {
     idle: Vec<Idle>,
-    waiters: VecDeque<oneshot::Sender<Result<Conn, Error>>>,
+    /// Each gets a connection and whether it has served a request before.
+    waiters: VecDeque<oneshot::Sender<Result<(Conn, bool), Error>>>,
     connecting: usize,
 }
 
@@ -386,12 +387,12 @@ impl Client {
             let wanted = if h2 { 1 } else { state.waiters.len() };
             if state.connecting < wanted {
                 state.connecting += 1;
-                tokio::spawn(connect(Arc::clone(&self.shared), Arc::clone(host)));
+                spawn_connect(Arc::clone(&self.shared), Arc::clone(host));
             }
             rx
         };
         match waiting.await {
-            Ok(conn) => conn.map(|c| (c, false)),
+            Ok(conn) => conn,
             Err(_) => Err(Error::Closed),
         }
     }
@@ -405,6 +406,12 @@ enum Retry {
     Fail(Error),
 }
 
+/// A plain function, so that `connect` can start more connects without
+/// its future's type depending on itself.
+fn spawn_connect(shared: Arc<Shared>, host: Arc<Host>) {
+    tokio::spawn(connect(shared, host));
+}
+
 /// Opens one connection to `host` and hands it on: HTTP/1.1 to the oldest
 /// waiter (or idle), HTTP/2 to every waiter and to later requests.
 async fn connect(shared: Arc<Shared>, host: Arc<Host>) {
@@ -414,7 +421,13 @@ async fn connect(shared: Arc<Shared>, host: Arc<Host>) {
             host.proto.store(PROTO_H1, Ordering::Relaxed);
             let mut state = host.lock();
             state.connecting -= 1;
-            host.hand_h1(state, tx);
+            host.hand_h1(&mut state, tx, false);
+            // Requests that waited for an HTTP/2 connect (this upstream
+            // spoke h2 before) each need a connect of their own now.
+            while state.connecting < state.waiters.len() {
+                state.connecting += 1;
+                spawn_connect(Arc::clone(&shared), Arc::clone(&host));
+            }
         }
         Ok(Conn::H2(tx)) => {
             host.proto.store(PROTO_H2, Ordering::Relaxed);
@@ -430,7 +443,7 @@ async fn connect(shared: Arc<Shared>, host: Arc<Host>) {
             let mut state = host.lock();
             state.connecting -= 1;
             for w in state.waiters.drain(..) {
-                let _ = w.send(Ok(Conn::H2(tx.clone())));
+                let _ = w.send(Ok((Conn::H2(tx.clone()), false)));
             }
         }
         Err(e) => {
@@ -604,12 +617,17 @@ impl Host {
     }
 
     /// An HTTP/1.1 connection free for a request: to the oldest waiter
-    /// still waiting, else idle.
-    fn hand_h1(&self, mut state: MutexGuard<'_, State>, mut tx: http1::SendRequest<Outgoing>) {
+    /// still waiting, else idle. `reused`: it has served a request, so one
+    /// that closed after its response is dropped here, and the waiter that
+    /// finds it closed anyway takes another instead of failing.
+    fn hand_h1(&self, state: &mut State, mut tx: http1::SendRequest<Outgoing>, reused: bool) {
+        if reused && tx.is_closed() {
+            return;
+        }
         while let Some(w) = state.waiters.pop_front() {
-            match w.send(Ok(Conn::H1(tx))) {
+            match w.send(Ok((Conn::H1(tx), reused))) {
                 Ok(()) => return,
-                Err(Ok(Conn::H1(back))) => tx = back,
+                Err(Ok((Conn::H1(back), _))) => tx = back,
                 Err(_) => return,
             }
         }
@@ -635,8 +653,8 @@ struct Lease {
 impl Lease {
     fn release(self) {
         let Lease { tx, host } = self;
-        let state = host.lock();
-        host.hand_h1(state, tx);
+        let mut state = host.lock();
+        host.hand_h1(&mut state, tx, true);
     }
 }
 

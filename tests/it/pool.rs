@@ -1,5 +1,6 @@
 //! The upstream pool (src/proxy/pool.rs) seen from an upstream that counts
-//! its TCP connections and can hold TLS handshakes and responses: connects
+//! its TCP connections and can hold TLS handshakes and responses (and close
+//! the connection after one, `/hold-close`): connects
 //! are bounded by the requests waiting, a connection that comes free goes
 //! to a waiting request before a new one finishes connecting, and idle
 //! connections close after `upstream.pool_idle_timeout`.
@@ -72,13 +73,19 @@ impl Gated {
                         let svc = hyper::service::service_fn(move |req: http::Request<_>| {
                             let (held, release) = (Arc::clone(&held), Arc::clone(&release));
                             async move {
-                                if req.uri().path() == "/hold" {
+                                let path = req.uri().path();
+                                let close = path == "/hold-close";
+                                if path == "/hold" || close {
                                     let released = release.notified();
                                     held.notify_one();
                                     released.await;
                                 }
+                                let mut response = Response::builder();
+                                if close {
+                                    response = response.header("connection", "close");
+                                }
                                 Ok::<_, std::convert::Infallible>(
-                                    Response::builder()
+                                    response
                                         .header("x-conn", id.to_string())
                                         .body(http_body_util::Full::new(Bytes::from_static(b"ok")))
                                         .unwrap(),
@@ -197,6 +204,46 @@ async fn a_freed_connection_serves_the_waiting_request_and_no_extra_connect_star
     tokio::join!(
         get(&client, "http://gated.test/x"),
         get(&client, "http://gated.test/y")
+    );
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 2, "connections opened");
+    app.shutdown().await;
+}
+
+/// A connection that closes after its response (`Connection: close`) is
+/// not handed to the request waiting for one, and that request is not
+/// failed for it: it waits on for the connect it started.
+#[tokio::test]
+async fn a_connection_closed_after_its_response_is_not_handed_to_a_waiting_request() {
+    let w = World::new(Mode::Issue(60.0)).await;
+    let up = Gated::start(&w.pki, 1).await;
+    let app = w
+        .start(&w.config("", &route("closing.test", up.addr.port())))
+        .await;
+    let client = proxied_client(app.proxy_addr());
+    assert_eq!(get(&client, "http://closing.test/warm").await, "1");
+
+    // A holds connection 1, whose answer will close it.
+    let held = up.held.notified();
+    let a = tokio::spawn({
+        let c = client.clone();
+        async move { get(&c, "http://closing.test/hold-close").await }
+    });
+    held.await;
+    // B waits; its connect hangs in TLS.
+    let b = tokio::spawn({
+        let c = client.clone();
+        async move { get(&c, "http://closing.test/b").await }
+    });
+    up.accepted(2).await;
+    up.release.notify_one();
+    assert_eq!(a.await.unwrap(), "1");
+    up.closed(1).await;
+    // B still waits for its own connect, not failed by the closed one.
+    up.handshakes.add_permits(1);
+    assert_eq!(
+        b.await.unwrap(),
+        "2",
+        "B is served on the connection it started"
     );
     assert_eq!(up.accepted.load(Ordering::SeqCst), 2, "connections opened");
     app.shutdown().await;
