@@ -70,9 +70,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether a header (by its lowercase name) is hop-by-hop by itself: the
-/// fixed set, `Keep-Alive`, `TE` and every `Proxy-*`.
-/// [`hop_by_hop`] for a name in any case (a `Connection` token).
+/// [`hop_by_hop`] for a name in any case (a `Connection` token), without
+/// lowercasing it first; the same names.
 fn fixed_hop_by_hop(name: &str) -> bool {
     [
         "connection",
@@ -89,6 +88,8 @@ fn fixed_hop_by_hop(name: &str) -> bool {
             .is_some_and(|p| p.eq_ignore_ascii_case("proxy-"))
 }
 
+/// Whether a header (by its lowercase name) is hop-by-hop by itself: the
+/// fixed set, `Keep-Alive`, `TE` and every `Proxy-*`.
 fn hop_by_hop(name: &str) -> bool {
     matches!(
         name,
@@ -149,6 +150,28 @@ pub fn inject_as(headers: &mut HeaderMap, name: &HeaderName, value: HeaderValue)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_hop_by_hop_checks_name_the_same_headers() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authorization",
+            "proxy-x",
+            "proxy",
+            "host",
+            "trailers",
+            "x-te",
+            "",
+        ] {
+            let upper = name.to_ascii_uppercase();
+            assert_eq!(fixed_hop_by_hop(&upper), hop_by_hop(name), "{name}");
+        }
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();

@@ -457,15 +457,12 @@ impl Proxy {
             Invalidated::RateLimited => return Ok(response),
             Invalidated::Refetching | Invalidated::AlreadyReplaced => {}
         }
-        let fresh = match tokio::time::timeout_at(
-            until.at,
-            route.store.get(self.settings.token_wait),
-        )
-        .await
+        let fresh = match until
+            .bound(async { Ok(route.store.get(self.settings.token_wait).await) })
+            .await?
         {
-            Ok(Ok(t)) => t,
-            Ok(Err(_)) => return Ok(response),
-            Err(_) => return Err(until.error()),
+            Ok(t) => t,
+            Err(_) => return Ok(response),
         };
         tracing::debug!(route = %route.label, "upstream answered 401; retrying with a fresh token");
         route

@@ -240,7 +240,7 @@ impl Client {
             return;
         }
         state.connecting += 1;
-        tokio::spawn(connect(Arc::clone(&self.shared), Arc::clone(host)));
+        spawn_connect(Arc::clone(&self.shared), Arc::clone(host));
     }
 
     /// Sends `req` (an absolute URI) to `host`, or to the host its URI

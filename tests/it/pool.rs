@@ -149,6 +149,13 @@ async fn get(client: &reqwest::Client, url: &str) -> String {
     conn
 }
 
+/// `get` on a task of its own, for a request that waits while the test
+/// goes on.
+fn spawn_get(client: &reqwest::Client, url: &'static str) -> tokio::task::JoinHandle<String> {
+    let client = client.clone();
+    tokio::spawn(async move { get(&client, url).await })
+}
+
 /// While a second connection is still in its TLS handshake, the request
 /// that started it is served on the first connection as soon as that one
 /// comes free, and a third request that waits meanwhile starts no third
@@ -167,16 +174,10 @@ async fn a_freed_connection_serves_the_waiting_request_and_no_extra_connect_star
 
     // A holds connection 1.
     let held = up.held.notified();
-    let a = tokio::spawn({
-        let c = client.clone();
-        async move { get(&c, "http://gated.test/hold").await }
-    });
+    let a = spawn_get(&client, "http://gated.test/hold");
     held.await;
     // B finds nothing idle: a second connect starts and hangs in TLS.
-    let b = tokio::spawn({
-        let c = client.clone();
-        async move { get(&c, "http://gated.test/b").await }
-    });
+    let b = spawn_get(&client, "http://gated.test/b");
     up.accepted(2).await;
     // A ends: connection 1 goes to B, which has waited for it.
     up.release.notify_one();
@@ -186,15 +187,9 @@ async fn a_freed_connection_serves_the_waiting_request_and_no_extra_connect_star
     // C holds connection 1 again; D waits while the second connect is still
     // under way, so D starts none of its own.
     let held = up.held.notified();
-    let c = tokio::spawn({
-        let c = client.clone();
-        async move { get(&c, "http://gated.test/hold").await }
-    });
+    let c = spawn_get(&client, "http://gated.test/hold");
     held.await;
-    let d = tokio::spawn({
-        let c = client.clone();
-        async move { get(&c, "http://gated.test/d").await }
-    });
+    let d = spawn_get(&client, "http://gated.test/d");
     // The second handshake completes: D gets connection 2.
     up.handshakes.add_permits(1);
     assert_eq!(d.await.unwrap(), "2");
@@ -224,16 +219,10 @@ async fn a_connection_closed_after_its_response_is_not_handed_to_a_waiting_reque
 
     // A holds connection 1, whose answer will close it.
     let held = up.held.notified();
-    let a = tokio::spawn({
-        let c = client.clone();
-        async move { get(&c, "http://closing.test/hold-close").await }
-    });
+    let a = spawn_get(&client, "http://closing.test/hold-close");
     held.await;
     // B waits; its connect hangs in TLS.
-    let b = tokio::spawn({
-        let c = client.clone();
-        async move { get(&c, "http://closing.test/b").await }
-    });
+    let b = spawn_get(&client, "http://closing.test/b");
     up.accepted(2).await;
     up.release.notify_one();
     assert_eq!(a.await.unwrap(), "1");
